@@ -1,0 +1,1 @@
+"""System recipes shipped with mdsens (TOML files, read with importlib.resources)."""
