@@ -143,10 +143,15 @@ class ParameterSensitivity:
 
 @dataclass(frozen=True)
 class SensitivityResult:
-    """Sensitivities of one relaxed state to several parameters."""
+    """Sensitivities of one relaxed state to several parameters.
+
+    ``max_force`` is recomputed at the state; ``state_relaxed`` says whether it is within the
+    recipe's ``fmax`` (False only when computed with ``allow_unconverged``).
+    """
 
     parameters: dict[str, ParameterSensitivity]
     max_force: float
+    state_relaxed: bool
     removed_modes: list[str]
     wall_time: float
 
@@ -241,6 +246,7 @@ class Sensitivity:
         return SensitivityResult(
             parameters=out,
             max_force=force,
+            state_relaxed=force <= fmax,
             removed_modes=[f"translation.{axis}" for axis in "xyz"[: system.dimension]],
             wall_time=time.perf_counter() - start,
         )

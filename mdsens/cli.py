@@ -1,0 +1,259 @@
+"""The ``mdsens`` command line: a thin shell over the Python API that parses and prints.
+
+Exit codes: 0 success; 1 the computation failed (relaxation not converged, linear solve failed);
+2 bad input (unknown system or parameter, bad ``--set``, missing run, unreadable file), reported
+as one line without a traceback, with nothing written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mdsens.errors import NotConvergedError, UserError
+
+app = typer.Typer(
+    name="mdsens",
+    help=(
+        "Relax particle systems with JAX-MD and compute how the relaxed structure changes with "
+        "the potential's parameters (implicit differentiation of grad E = 0). Typical session: "
+        "`mdsens relax --system binary-packing`, `mdsens sensitivity --param diameter`, "
+        "`mdsens plot`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+RunOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--run",
+        help="Run directory written by `mdsens relax` (default: the latest run under results/).",
+        show_default=False,
+    ),
+]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _guarded(action):
+    """Run ``action()`` and turn the library's errors into one-line messages and exit codes."""
+    try:
+        return action()
+    except UserError as error:
+        raise _fail(str(error), 2) from None
+    except (NotConvergedError, FloatingPointError) as error:
+        raise _fail(str(error), 1) from None
+
+
+@app.command()
+def relax(
+    system: Annotated[
+        str,
+        typer.Option(
+            "--system",
+            "-s",
+            help="Shipped recipe name (see `mdsens systems`) or path to a recipe .toml, "
+            "e.g. a previous run's RUN/system.toml to reproduce it.",
+        ),
+    ] = "binary-packing",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a recipe field, KEY=VALUE with a dotted key and a TOML value; "
+            "repeatable. E.g. --set n_particles=256 --set species.B.diameter=0.7 "
+            "--set minimizer.fmax=1e-10 --set box.packing_fraction=0.9.",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the random initial positions (overrides the recipe's).",
+            show_default=False,
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run directory to write (default: results/<system name>).",
+            show_default=False,
+        ),
+    ] = None,
+    allow_unconverged: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unconverged",
+            help="Write the result even if max|F| did not reach minimizer.fmax (marked converged=false); "
+            "without it such a run exits 1 and writes nothing.",
+        ),
+    ] = False,
+) -> None:
+    """Relax a system (FIRE or gradient descent, float64) until max|F| <= minimizer.fmax.
+
+    Writes RUN/system.toml (the resolved recipe), RUN/relaxed.npz (full-precision positions) and
+    RUN/relaxed.extxyz, and prints the run directory on the last line.
+    """
+
+    def action():
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from mdsens.relax import Relaxer
+        from mdsens.run import default_run_dir, save_relaxation
+        from mdsens.system import load_system
+
+        loaded = load_system(system, overrides=set_ or (), seed=seed)
+        target = default_run_dir(loaded) if out_dir is None else out_dir
+        if target.exists() and not target.is_dir():
+            raise UserError(f"--out {target} exists and is not a directory")
+        relaxer = Relaxer(loaded)
+        out.print(
+            f"Relaxing {loaded.name}: {loaded.n_particles} particles, {loaded.dimension}-D, "
+            f"{relaxer.name} to max|F| <= {relaxer.fmax:g} (seed {loaded.recipe['seed']})"
+        )
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("compiling", total=None)
+
+            def report(steps: int, force: float) -> None:
+                progress.update(task, description=f"step {steps:>7d}  max|F| = {force:.3e}")
+
+            result = relaxer.relax(progress=report)
+        out.print(
+            f"{'converged' if result.converged else '[bold red]NOT converged[/]'} after "
+            f"{result.steps} steps in {result.wall_time:.2f} s: E = {result.energy:.12g}, "
+            f"max|F| = {result.max_force:.3e}"
+        )
+        if not result.converged and not allow_unconverged:
+            result.require_converged()
+        run = save_relaxation(target, loaded, result)
+        out.print(str(run), soft_wrap=True)
+
+    _guarded(action)
+
+
+@app.command()
+def sensitivity(
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="Parameter to differentiate by; repeatable. `diameter` (every species), "
+            "`diameter.B` (one species), `epsilon`, `alpha`. Default: every parameter.",
+            show_default=False,
+        ),
+    ] = None,
+    run: RunOption = None,
+    solver: Annotated[
+        str | None,
+        typer.Option(
+            help="Linear solver: `cg` (matrix-free conjugate gradients on Hessian-vector products) "
+            "or `dense` (eigendecomposition of the full Hessian; small systems). Default: the recipe's.",
+            show_default=False,
+        ),
+    ] = None,
+    allow_unconverged: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unconverged",
+            help="Compute even if the stored state is not relaxed to fmax (the result is marked).",
+        ),
+    ] = False,
+) -> None:
+    """Compute dx*/dθ (implicit differentiation) and dE*/dθ (envelope theorem) of a relaxed run.
+
+    Writes RUN/sensitivity.npz (one (N, d) array per parameter), RUN/sensitivity.json (energy
+    sensitivities, solver diagnostics, timings, versions) and RUN/sensitivity.extxyz.
+    """
+
+    def action():
+        from mdsens.run import load_run, save_sensitivity
+        from mdsens.sensitivity import Sensitivity, expand_parameters, parameter_names
+
+        system, relaxed, run_dir = load_run(run)
+        names = expand_parameters(system, param or parameter_names(system))
+        if solver is not None and solver not in ("cg", "dense"):
+            raise UserError(f"unknown solver {solver!r}; known: cg, dense")
+        if not relaxed.converged and not allow_unconverged:
+            raise UserError(
+                f"{run_dir} holds an unconverged relaxation (max|F| {relaxed.max_force:.3g}); "
+                "pass --allow-unconverged to differentiate it anyway"
+            )
+        out.print(f"Sensitivity of {run_dir} to {', '.join(names)}")
+        with err.status("compiling and solving"):
+            result = Sensitivity(system, solver).compute(
+                relaxed, names, allow_unconverged=allow_unconverged
+            )
+        for name, entry in result.parameters.items():
+            out.print(
+                f"  {name:<14} = {entry.value:<8g} dE*/dθ = {entry.denergy:+.10e}  "
+                f"max|dx*/dθ| = {abs(entry.dx).max():.4e}  {entry.solver}: {entry.iterations} it, "
+                f"residual {entry.residual:.1e}"
+            )
+        save_sensitivity(run_dir, system, result)
+        out.print(str(run_dir), soft_wrap=True)
+
+    _guarded(action)
+
+
+@app.command()
+def plot(
+    run: RunOption = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="Sensitivity to draw; repeatable (default: all computed).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Draw PNG figures of a run: particles to scale coloured by species with dx*/dθ arrows,
+    and a histogram of |dx*/dθ| per species. Reads the run's files; runs no physics."""
+
+    def action():
+        from mdsens.plot import plot_run
+        from mdsens.run import latest_run
+
+        for path in plot_run(latest_run() if run is None else run, params=param):
+            out.print(str(path), soft_wrap=True)
+
+    _guarded(action)
+
+
+@app.command()
+def systems() -> None:
+    """List the shipped system recipes."""
+    from mdsens.recipe import available_recipes, load_recipe
+
+    for name in available_recipes():
+        out.print(f"{name:<20} {load_recipe(name).get('description', '')}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

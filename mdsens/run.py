@@ -1,0 +1,228 @@
+"""Run directories: the files that users, viewers and later stages read (see docs/file-formats.md).
+
+A run directory ``RUN/`` holds
+
+* ``system.toml`` — the resolved recipe (``mdsens relax --system RUN/system.toml`` reproduces it);
+* ``relaxed.npz`` — relaxed positions at full float64 precision and the relaxation record; later
+  stages read positions from here, never from the 8-decimal extxyz copy;
+* ``relaxed.extxyz`` — the relaxed structure for ASE and OVITO;
+* ``sensitivity.npz`` / ``sensitivity.json`` / ``sensitivity.extxyz`` — dx*/dθ per parameter,
+  energy sensitivities and diagnostics, and the same vectors as per-atom arrays.
+
+Every file is written atomically. Writing a new relaxation removes the sensitivity files and
+figures of the previous one, so a directory never mixes two states.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import ase
+import ase.io
+import numpy as np
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from mdsens import atomic
+from mdsens.errors import UserError
+from mdsens.recipe import dump_recipe
+from mdsens.relax import RelaxResult
+from mdsens.sensitivity import SensitivityResult, parameter_names, parameter_value
+from mdsens.system import System, build_system
+
+RESULTS = Path("results")
+LATEST = ".latest-run"
+RELAX_FILES = ("system.toml", "relaxed.npz", "relaxed.extxyz")
+DOWNSTREAM_GLOBS = ("sensitivity.*", "*.png")
+
+
+def default_run_dir(system: System) -> Path:
+    """``results/<system name>``, relative to the working directory."""
+    return RESULTS / (system.name or "run")
+
+
+def latest_run() -> Path:
+    """The run written most recently from this working directory.
+
+    Raises:
+        UserError: no run has been written here yet.
+    """
+    pointer = RESULTS / LATEST
+    if pointer.is_file():
+        run = Path(pointer.read_text().strip())
+        if (run / "relaxed.npz").is_file():
+            return run
+    runs = sorted(RESULTS.glob("*/relaxed.npz"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError(
+            f"no run found under {RESULTS}/: run `mdsens relax` first, or pass --run DIR"
+        )
+    return runs[-1].parent
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages that determine the numbers."""
+    out = {"python": platform.python_version()}
+    for package in ("mdsens", "jax", "jaxlib", "jax-md", "numpy", "ase"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "unknown"
+    return out
+
+
+def _atoms(system: System, positions: np.ndarray) -> ase.Atoms:
+    """ASE atoms of a (2-D or 3-D) periodic system; 2-D systems lie in z = 0, not periodic in z."""
+    n, d = positions.shape
+    xyz = np.zeros((n, 3))
+    xyz[:, :d] = positions
+    cell = np.zeros(3)
+    cell[:d] = system.box
+    atoms = ase.Atoms(
+        symbols=["X"] * n, positions=xyz, cell=np.diag(cell), pbc=[True] * d + [False] * (3 - d)
+    )
+    diameters = np.asarray(system.params["diameter"])[system.types]
+    atoms.new_array("type", system.types.astype(int))
+    atoms.new_array("diameter", diameters)
+    atoms.new_array("radius", diameters / 2)  # OVITO sizes particles by a "radius" column
+    atoms.info["species_names"] = ",".join(system.species)
+    atoms.info["system"] = system.name
+    for name in parameter_names(system):
+        atoms.info[name] = parameter_value(system, system.params, name)
+    return atoms
+
+
+def _vectors3(vectors: np.ndarray) -> np.ndarray:
+    out = np.zeros((vectors.shape[0], 3))
+    out[:, : vectors.shape[1]] = vectors
+    return out
+
+
+def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxResult) -> Path:
+    """Write ``system.toml``, ``relaxed.npz`` and ``relaxed.extxyz``; return the run directory.
+
+    Removes the previous run's sensitivity files and figures from ``run_dir``.
+    """
+    run = default_run_dir(system) if run_dir is None else Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} exists and is not a directory")
+    run.mkdir(parents=True, exist_ok=True)
+    forces = np.asarray(system.force_fn(result.positions, system.params))
+    record = {
+        "energy": result.energy,
+        "max_force": result.max_force,
+        "steps": result.steps,
+        "converged": result.converged,
+        "fmax": result.fmax,
+        "minimizer": result.minimizer,
+        "wall_time": result.wall_time,
+    }
+    atoms = _atoms(system, result.positions)
+    # ASE moves an info["energy"] into the calculator on reading; keep it there from the start.
+    atoms.info.update({k: v for k, v in record.items() if k != "energy"})
+    atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=_vectors3(forces))
+    arrays = {"positions": result.positions, "types": system.types, "box": system.box}
+    arrays.update({key: np.asarray(value) for key, value in record.items()})
+    atomic.write_all(
+        {
+            run / "system.toml": lambda tmp: tmp.write_text(dump_recipe(system.recipe)),
+            run / "relaxed.npz": lambda tmp: np.savez(tmp, **arrays),
+            run / "relaxed.extxyz": lambda tmp: ase.io.write(tmp, atoms, format="extxyz"),
+        }
+    )
+    for pattern in DOWNSTREAM_GLOBS:
+        for stale in run.glob(pattern):
+            stale.unlink()
+    atomic.write_text(RESULTS / LATEST, str(run.resolve()))
+    return run
+
+
+def load_run(run_dir: str | Path | None = None) -> tuple[System, RelaxResult, Path]:
+    """Read a run directory (default: the latest run): its system, relaxed state and path.
+
+    Raises:
+        UserError: missing directory or file, unreadable or inconsistent files.
+    """
+    run = latest_run() if run_dir is None else Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"no run directory {run}")
+    for name in ("system.toml", "relaxed.npz"):
+        if not (run / name).is_file():
+            raise UserError(f"{run / name} is missing: is {run} a run of `mdsens relax`?")
+    try:
+        recipe = tomllib.loads((run / "system.toml").read_text())
+        with np.load(run / "relaxed.npz") as data:
+            stored = {key: data[key] for key in data.files}
+    except (OSError, ValueError, tomllib.TOMLDecodeError) as error:
+        raise UserError(f"cannot read run {run}: {error}") from None
+    system = build_system(recipe)
+    positions = np.asarray(stored["positions"], dtype=np.float64)
+    if positions.shape != system.positions.shape:
+        raise UserError(
+            f"{run / 'relaxed.npz'} holds positions of shape {positions.shape}, but system.toml"
+            f" describes {system.positions.shape}"
+        )
+    result = RelaxResult(
+        positions=positions,
+        energy=float(stored["energy"]),
+        max_force=float(stored["max_force"]),
+        steps=int(stored["steps"]),
+        converged=bool(stored["converged"]),
+        wall_time=float(stored["wall_time"]),
+        minimizer=str(stored["minimizer"]),
+        fmax=float(stored["fmax"]),
+    )
+    return system, result, run
+
+
+def _property_name(parameter: str) -> str:
+    # extxyz column names cannot hold dots.
+    return "dx_d_" + parameter.replace(".", "_").replace("-", "_")
+
+
+def save_sensitivity(run_dir: str | Path, system: System, result: SensitivityResult) -> list[Path]:
+    """Write ``sensitivity.npz``, ``sensitivity.json`` and ``sensitivity.extxyz`` into ``run_dir``."""
+    run = Path(run_dir)
+    entries = result.parameters
+    with np.load(run / "relaxed.npz") as data:
+        positions = data["positions"]
+    atoms = _atoms(system, positions)
+    for name, entry in entries.items():
+        atoms.new_array(_property_name(name), _vectors3(entry.dx))
+        atoms.info[f"denergy_d_{name}"] = entry.denergy
+    summary = {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "system": system.name,
+        "state_relaxed": result.state_relaxed,
+        "max_force": result.max_force,
+        "removed_modes": result.removed_modes,
+        "wall_time": result.wall_time,
+        "parameters": {
+            name: {
+                "value": e.value,
+                "denergy": e.denergy,
+                "max_abs_dx": float(np.max(np.abs(e.dx))),
+                "extxyz_column": _property_name(name),
+                "solver": e.solver,
+                "iterations": e.iterations,
+                "residual": e.residual,
+                "converged": e.converged,
+                "wall_time": e.wall_time,
+            }
+            for name, e in entries.items()
+        },
+        "versions": versions(),
+    }
+    paths = [run / "sensitivity.npz", run / "sensitivity.json", run / "sensitivity.extxyz"]
+    atomic.write_all(
+        {
+            paths[0]: lambda tmp: np.savez(tmp, **{k: v.dx for k, v in entries.items()}),
+            paths[1]: lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"),
+            paths[2]: lambda tmp: ase.io.write(tmp, atoms, format="extxyz"),
+        }
+    )
+    return paths
