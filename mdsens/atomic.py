@@ -32,9 +32,7 @@ def write_all(writers: dict[Path, Writer]) -> None:
         for path, writer in writers.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(
-                dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}"
-            )
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
             os.close(fd)
             staged.append((Path(tmp), path))
             writer(Path(tmp))

@@ -200,9 +200,7 @@ def sensitivity(
             )
         out.print(f"Sensitivity of {run_dir} to {', '.join(names)}")
         with err.status("compiling and solving"):
-            result = Sensitivity(system, solver).compute(
-                relaxed, names, allow_unconverged=allow_unconverged
-            )
+            result = Sensitivity(system, solver).compute(relaxed, names, allow_unconverged=allow_unconverged)
         for name, entry in result.parameters.items():
             out.print(
                 f"  {name:<14} = {entry.value:<8g} dE*/dθ = {entry.denergy:+.10e}  "

@@ -227,8 +227,7 @@ def _draw_configuration(
     present = np.unique(run.types)
     ax.legend(
         handles=[
-            Patch(facecolor=colours[t], edgecolor="black", alpha=alpha, label=run.species[t])
-            for t in present
+            Patch(facecolor=colours[t], edgecolor="black", alpha=alpha, label=run.species[t]) for t in present
         ],
         title="species",
         loc="upper left",

@@ -104,7 +104,9 @@ def _check_keys(table: dict, allowed, where: str) -> None:
 def _number(value: Any, key: str, *, integer: bool = False, positive: bool = True) -> Any:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise UserError(f"recipe key {key!r} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        raise UserError(
+            f"recipe key {key!r} must be {'an integer' if integer else 'a number'}, got {value!r}"
+        )
     if positive and value <= 0:
         raise UserError(f"recipe key {key!r} must be positive, got {value!r}")
     return value if integer else float(value)
@@ -189,9 +191,7 @@ def resolve(recipe: Recipe) -> Recipe:
     sensitivity = {**SENSITIVITY_DEFAULTS, **_table(recipe, "sensitivity")}
     _check_keys(sensitivity, SENSITIVITY_DEFAULTS, "sensitivity.")
     if sensitivity["solver"] not in SOLVERS:
-        raise UserError(
-            f"unknown sensitivity.solver {sensitivity['solver']!r}; known: {', '.join(SOLVERS)}"
-        )
+        raise UserError(f"unknown sensitivity.solver {sensitivity['solver']!r}; known: {', '.join(SOLVERS)}")
     sensitivity["tol"] = _number(sensitivity["tol"], "sensitivity.tol")
     sensitivity["maxiter"] = _number(
         sensitivity["maxiter"], "sensitivity.maxiter", integer=True, positive=False

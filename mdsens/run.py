@@ -58,9 +58,7 @@ def latest_run() -> Path:
             return run
     runs = sorted(RESULTS.glob("*/relaxed.npz"), key=lambda p: p.stat().st_mtime)
     if not runs:
-        raise UserError(
-            f"no run found under {RESULTS}/: run `mdsens relax` first, or pass --run DIR"
-        )
+        raise UserError(f"no run found under {RESULTS}/: run `mdsens relax` first, or pass --run DIR")
     return runs[-1].parent
 
 

@@ -46,9 +46,7 @@ def expand_parameters(system: System, selection: list[str] | tuple[str, ...]) ->
         if name in known:
             group = [name]
         if not group:
-            raise UserError(
-                f"unknown parameter {name!r}; known: diameter, {', '.join(known)}"
-            )
+            raise UserError(f"unknown parameter {name!r}; known: diameter, {', '.join(known)}")
         out += [n for n in group if n not in out]
     return out
 
@@ -258,4 +256,3 @@ def compute_sensitivity(
     """One-shot :meth:`Sensitivity.compute` (build :class:`Sensitivity` once to reuse it)."""
     solver = kwargs.pop("solver", None)
     return Sensitivity(system, solver).compute(relaxed, names, **kwargs)
-
