@@ -60,6 +60,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         raise UserError(f"cannot read recipe {text}: {error}") from None
 
 
+def _potential_defaults() -> dict[str, dict[str, float]]:
+    return {name: potential.defaults for name, potential in POTENTIALS.items()}
+
+
 def _parse_value(text: str) -> Any:
     # A TOML value (1e-10, true, "fire", [1, 2]); anything else is taken as a bare string.
     try:
@@ -71,8 +75,9 @@ def _parse_value(text: str) -> Any:
 def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
     """Return a copy of ``recipe`` with ``KEY=VALUE`` overrides applied (dotted keys).
 
-    Keys must name a field the recipe has or may have (checked by :func:`resolve`); setting
-    ``box.side`` drops ``box.packing_fraction`` and vice versa, since a box has one of them.
+    Keys must name a field the recipe has or may have (checked by :func:`resolve`). Setting
+    ``box.side`` drops ``box.packing_fraction`` and vice versa, since a box has one of them;
+    setting ``minimizer.name`` or ``potential.name`` drops the settings the new method lacks.
     """
     recipe = copy.deepcopy(recipe)
     for item in overrides:
@@ -90,6 +95,12 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
         if parents == ["box"]:
             other = {"side": "packing_fraction", "packing_fraction": "side"}.get(leaf)
             table.pop(other, None)
+        elif key in ("minimizer.name", "potential.name"):
+            # A new method keeps only the settings it understands (the rest take its defaults).
+            registry = MINIMIZER_DEFAULTS if parents == ["minimizer"] else _potential_defaults()
+            allowed = registry.get(table[leaf], {})
+            for stale in [k for k in table if k != "name" and k not in allowed]:
+                del table[stale]
     return recipe
 
 

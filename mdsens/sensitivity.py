@@ -98,11 +98,14 @@ def relaxed_positions_fn(system: System, relaxer: Relaxer | None = None, solver:
     undefined where the contact network changes; second derivatives are not supported.
     """
     relaxer = Relaxer(system) if relaxer is None else relaxer
-    solution = implicit.implicit_root(
-        relaxer.solve,
-        optimality_fn(system),
-        linear_solve_from_recipe(system, solver),
-        system.nullspace,
+    # jit here so that eager use (no jit around the user's code) compiles once, not per call.
+    solution = jax.jit(
+        implicit.implicit_root(
+            relaxer.solve,
+            optimality_fn(system),
+            linear_solve_from_recipe(system, solver),
+            system.nullspace,
+        )
     )
     default_x0 = jnp.asarray(system.positions)
 
