@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mdsens.errors import NotConvergedError, UserError
 
@@ -42,7 +43,7 @@ RunOption = Annotated[
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -111,8 +112,8 @@ def relax(
     def action():
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        from mdsens.relax import Relaxer
-        from mdsens.run import default_run_dir, save_relaxation
+        from mdsens.relaxation import Relaxer
+        from mdsens.run import default_run_dir, mark_latest, save_relaxation
         from mdsens.system import load_system
 
         loaded = load_system(system, overrides=set_ or (), seed=seed)
@@ -121,7 +122,7 @@ def relax(
             raise UserError(f"--out {target} exists and is not a directory")
         relaxer = Relaxer(loaded)
         out.print(
-            f"Relaxing {loaded.name}: {loaded.n_particles} particles, {loaded.dimension}-D, "
+            f"Relaxing {escape(loaded.name)}: {loaded.n_particles} particles, {loaded.dimension}-D, "
             f"{relaxer.name} to max|F| <= {relaxer.fmax:g} (seed {loaded.recipe['seed']})"
         )
         with Progress(
@@ -145,7 +146,8 @@ def relax(
         if not result.converged and not allow_unconverged:
             result.require_converged()
         run = save_relaxation(target, loaded, result)
-        out.print(str(run), soft_wrap=True)
+        mark_latest(run)
+        out.print(str(run), markup=False)
 
     _guarded(action)
 
@@ -198,7 +200,7 @@ def sensitivity(
                 f"{run_dir} holds an unconverged relaxation (max|F| {relaxed.max_force:.3g}); "
                 "pass --allow-unconverged to differentiate it anyway"
             )
-        out.print(f"Sensitivity of {run_dir} to {', '.join(names)}")
+        out.print(f"Sensitivity of {escape(str(run_dir))} to {', '.join(names)}")
         with err.status("compiling and solving"):
             result = Sensitivity(system, solver).compute(relaxed, names, allow_unconverged=allow_unconverged)
         for name, entry in result.parameters.items():
@@ -208,7 +210,7 @@ def sensitivity(
                 f"residual {entry.residual:.1e}"
             )
         save_sensitivity(run_dir, system, result)
-        out.print(str(run_dir), soft_wrap=True)
+        out.print(str(run_dir), markup=False)
 
     _guarded(action)
 
@@ -234,7 +236,7 @@ def plot(
         from mdsens.run import latest_run
 
         for path in plot_run(latest_run() if run is None else run, params=param):
-            out.print(str(path), soft_wrap=True)
+            out.print(str(path), markup=False)
 
     _guarded(action)
 
@@ -245,7 +247,7 @@ def systems() -> None:
     from mdsens.recipe import available_recipes, load_recipe
 
     for name in available_recipes():
-        out.print(f"{name:<20} {load_recipe(name).get('description', '')}")
+        out.print(f"{name:<20} {load_recipe(name).get('description', '')}", markup=False)
 
 
 def main() -> None:

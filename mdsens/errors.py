@@ -4,6 +4,11 @@ The CLI turns a :class:`UserError` into a one-line message and exit code 2; anyt
 bug and keeps its traceback.
 """
 
+import zipfile
+
+# What reading a damaged or foreign file raises (NumPy, zipfile, ASE, tomllib): a user error.
+READ_ERRORS = (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile)
+
 
 class UserError(ValueError):
     """Bad input from the user: unknown system or parameter, bad override, missing run, bad file."""

@@ -31,7 +31,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from mdsens.atomic import write_with
-from mdsens.errors import UserError
+from mdsens.errors import READ_ERRORS, UserError
 
 DPI = 150
 # Values spanning more than this factor get a logarithmic histogram axis.
@@ -300,7 +300,10 @@ def plot_run(
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
-    run = _Run(run_dir)
+    try:
+        run = _Run(run_dir)
+    except READ_ERRORS as error:
+        raise UserError(f"cannot read run {run_dir}: {type(error).__name__} {error}") from None
     if params is None:
         params = list(run.sensitivities)
     unknown = [name for name in params if name not in run.sensitivities]

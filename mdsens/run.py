@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import tomllib
 from importlib import metadata
@@ -28,9 +29,9 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from mdsens import atomic
-from mdsens.errors import UserError
+from mdsens.errors import READ_ERRORS, UserError
 from mdsens.recipe import dump_recipe
-from mdsens.relax import RelaxResult
+from mdsens.relaxation import RelaxResult
 from mdsens.sensitivity import SensitivityResult, parameter_names, parameter_value
 from mdsens.system import System, build_system
 
@@ -55,7 +56,7 @@ def latest_run() -> Path:
     if pointer.is_file():
         run = Path(pointer.read_text().strip())
         if (run / "relaxed.npz").is_file():
-            return run
+            return Path(os.path.relpath(run)) if run.is_relative_to(Path.cwd()) else run
     runs = sorted(RESULTS.glob("*/relaxed.npz"), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise UserError(f"no run found under {RESULTS}/: run `mdsens relax` first, or pass --run DIR")
@@ -135,8 +136,12 @@ def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxRes
     for pattern in DOWNSTREAM_GLOBS:
         for stale in run.glob(pattern):
             stale.unlink()
-    atomic.write_text(RESULTS / LATEST, str(run.resolve()))
     return run
+
+
+def mark_latest(run_dir: str | Path) -> None:
+    """Record ``run_dir`` as the run that commands without ``--run`` use (``results/.latest-run``)."""
+    atomic.write_text(RESULTS / LATEST, str(Path(run_dir).resolve()))
 
 
 def load_run(run_dir: str | Path | None = None) -> tuple[System, RelaxResult, Path]:
@@ -153,18 +158,26 @@ def load_run(run_dir: str | Path | None = None) -> tuple[System, RelaxResult, Pa
             raise UserError(f"{run / name} is missing: is {run} a run of `mdsens relax`?")
     try:
         recipe = tomllib.loads((run / "system.toml").read_text())
+    except (*READ_ERRORS, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {run / 'system.toml'}: {error}") from None
+    system = build_system(recipe)
+    try:
         with np.load(run / "relaxed.npz") as data:
             stored = {key: data[key] for key in data.files}
-    except (OSError, ValueError, tomllib.TOMLDecodeError) as error:
-        raise UserError(f"cannot read run {run}: {error}") from None
-    system = build_system(recipe)
-    positions = np.asarray(stored["positions"], dtype=np.float64)
+        positions = np.asarray(stored["positions"], dtype=np.float64)
+        result = _relax_result(positions, stored)
+    except READ_ERRORS as error:
+        raise UserError(f"cannot read {run / 'relaxed.npz'}: {type(error).__name__} {error}") from None
     if positions.shape != system.positions.shape:
         raise UserError(
             f"{run / 'relaxed.npz'} holds positions of shape {positions.shape}, but system.toml"
             f" describes {system.positions.shape}"
         )
-    result = RelaxResult(
+    return system, result, run
+
+
+def _relax_result(positions: np.ndarray, stored: dict) -> RelaxResult:
+    return RelaxResult(
         positions=positions,
         energy=float(stored["energy"]),
         max_force=float(stored["max_force"]),
@@ -174,7 +187,6 @@ def load_run(run_dir: str | Path | None = None) -> tuple[System, RelaxResult, Pa
         minimizer=str(stored["minimizer"]),
         fmax=float(stored["fmax"]),
     )
-    return system, result, run
 
 
 def _property_name(parameter: str) -> str:
@@ -223,4 +235,6 @@ def save_sensitivity(run_dir: str | Path, system: System, result: SensitivityRes
             paths[2]: lambda tmp: ase.io.write(tmp, atoms, format="extxyz"),
         }
     )
+    for stale in run.glob("*.png"):
+        stale.unlink()
     return paths

@@ -19,7 +19,7 @@ import numpy as np
 
 from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
-from mdsens.relax import Relaxer, RelaxResult
+from mdsens.relaxation import Relaxer, RelaxResult
 from mdsens.system import System
 
 # A derivative larger than this many box lengths per unit parameter is not physics but a failed
@@ -94,7 +94,7 @@ def relaxed_positions_fn(system: System, relaxer: Relaxer | None = None, solver:
     warm-start.
 
     Limits: the derivative assumes the minimiser converged (a relaxation stopped at its step
-    cap gives a wrong derivative; check with :func:`mdsens.relax.Relaxer.relax` first); it is
+    cap gives a wrong derivative; check with :func:`mdsens.relaxation.Relaxer.relax` first); it is
     undefined where the contact network changes; second derivatives are not supported.
     """
     relaxer = Relaxer(system) if relaxer is None else relaxer
