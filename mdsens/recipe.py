@@ -207,6 +207,8 @@ def resolve(recipe: Recipe) -> Recipe:
     sensitivity["maxiter"] = _number(
         sensitivity["maxiter"], "sensitivity.maxiter", integer=True, positive=False
     )
+    if sensitivity["maxiter"] < 0:
+        raise UserError("recipe key 'sensitivity.maxiter' must be >= 0 (0: 10 × degrees of freedom)")
     out["sensitivity"] = sensitivity
     return out
 

@@ -28,9 +28,7 @@ def make_run(run_dir, dim=2, sensitivities=("diameter.A", "epsilon"), species_na
     xyz[:, :dim] = positions
     cell = np.zeros(3)
     cell[:dim] = box
-    atoms = ase.Atoms(
-        numbers=np.ones(N, dtype=int), positions=xyz, cell=cell, pbc=[True, True, dim == 3]
-    )
+    atoms = ase.Atoms(numbers=np.ones(N, dtype=int), positions=xyz, cell=cell, pbc=[True, True, dim == 3])
     atoms.new_array("type", types)
     atoms.new_array("diameter", np.where(types == 0, 1.0, 0.6))
     atoms.info.update(energy=1e-3, max_force=1e-13, steps=100, converged=True)
