@@ -1,72 +1,181 @@
-"""Pair potentials with named, differentiable parameters.
+"""Pair potentials with named, differentiable parameters, per species and per pair.
 
-A potential is one :class:`Potential` entry in :data:`POTENTIALS`: its global parameters with
-their defaults, and a builder that turns a displacement function and the species of every
-particle into ``energy_fn(x, params)``. Parameters travel in a pytree (a dict of arrays) that is
-passed at call time, never baked into the function, so the same compiled energy serves every
-parameter value and ``jax.grad`` with respect to ``params`` is natural.
+A potential is one :class:`Potential` entry in :data:`POTENTIALS`: a pair function φ(r; p_ij)
+and the specification of its parameters. Each parameter is either
 
-Species diameters are a parameter of every potential (``params["diameter"]``, one entry per
-species): for soft spheres the contact distance of a pair is the additive mixture
-σ_ij = (d_i + d_j) / 2.
+* *per species* (``level="species"``): one value per species, combined into a pair value by a
+  mixing rule (``arithmetic``: (a + b)/2, e.g. additive diameters and Lorentz's σ;
+  ``geometric``: √(ab), Berthelot's ε), or
+* *global* (``level="global"``): one value for every pair (an exponent, say),
+
+and any pair may be overridden explicitly. Settings (cutoffs) are fixed numbers, not parameters.
+
+The parameter pytree θ, passed at call time so one compiled energy serves every value, is::
+
+    {"sigma": (S,) or (), ..., "pair": {"sigma": (S, S), ...}}
+
+The pair value used for species (a, b) is ``pair[p][a, b]`` where the pair is overridden, and
+``mix(p)[a, b] + pair[p][a, b]`` elsewhere, where ``pair[p]`` is zero: this makes every pair
+value an independent parameter (``sigma.Ar-Kr``) that can be differentiated without touching
+the species values.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from jax_md import energy, smap, space
 
+PAIR = "pair"
 EnergyFn = Callable[[Any, dict], Any]
 
 
 @dataclass(frozen=True)
-class Potential:
-    """A registry entry.
+class Parameter:
+    """One named parameter of a potential.
 
     Attributes:
-        name: the name recipes use (``potential.name``).
-        defaults: global parameters and their default values; each is a scalar parameter that
-            ``--param`` can differentiate.
-        build: ``build(displacement_fn, types) -> energy_fn(x, params)``.
-        doc: one line for ``--help`` and the docs.
+        level: ``species`` (a value per species, mixed into pairs) or ``global``.
+        mixing: ``arithmetic`` or ``geometric`` for species-level parameters.
+        default: value used when a recipe gives none; ``None`` means it must be given (per
+            species in ``[species.X]``, or for all species in ``[potential]``).
+        doc: one line for the docs.
+    """
+
+    level: str
+    mixing: str | None = None
+    default: float | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Potential:
+    """A registry entry: the pair function, its parameters and its fixed settings.
+
+    ``pair_fn(r, **pair_values, **settings)`` is the energy of one pair at distance ``r`` (arrays
+    broadcast), where ``pair_values`` maps each parameter name to its pair value.
     """
 
     name: str
-    defaults: dict[str, float]
-    build: Callable[[Callable, np.ndarray], EnergyFn]
+    parameters: dict[str, Parameter]
+    pair_fn: Callable
     doc: str
+    settings: dict[str, float] = field(default_factory=dict)
 
 
-def additive_contact_distance(diameter, types):
-    """σ_ij = (d_{t_i} + d_{t_j}) / 2 as an N × N matrix, from per-species diameters."""
-    per_particle = diameter[types]
-    return 0.5 * (per_particle[:, None] + per_particle[None, :])
+def _switch(r, sigma, onset: float, cutoff: float):
+    """JAX-MD's smooth multiplicative cutoff (HOOMD-blue's XPLOR form), in units of each pair's σ.
+
+    1 below ``onset·σ``, 0 beyond ``cutoff·σ``, C¹ in between; with ``cutoff = inf`` it is 1.
+    """
+    if np.isinf(cutoff):
+        return 1.0
+    r_onset, r_cutoff = onset * sigma, cutoff * sigma
+    rc2, ro2, r2 = r_cutoff**2, r_onset**2, r**2
+    inner = (rc2 - r2) ** 2 * (rc2 + 2 * r2 - 3 * ro2) / (rc2 - ro2) ** 3
+    return jnp.where(r < r_onset, 1.0, jnp.where(r < r_cutoff, inner, 0.0))
 
 
-def _soft_sphere(displacement, types: np.ndarray) -> EnergyFn:
-    metric = space.canonicalize_displacement_or_metric(displacement)
-    # ignore_unused_parameters=True would make smap.pair drop every call-time parameter that was
-    # not also given when it was built, silently falling back to sigma = 1.
-    pair = smap.pair(energy.soft_sphere, metric)
-    types = jnp.asarray(types)
+def _positive(r):
+    # r = 0 only on the diagonal (a particle with itself), which smap masks out; keeping the
+    # value finite there keeps its (masked) gradient finite too.
+    return jnp.where(r > 0, r, 1.0)
 
-    def energy_fn(x, params):
-        sigma = additive_contact_distance(params["diameter"], types)
-        return pair(x, sigma=sigma, epsilon=params["epsilon"], alpha=params["alpha"])
 
-    return energy_fn
+def _soft_sphere(r, diameter, epsilon, alpha):
+    return energy.soft_sphere(r, sigma=diameter, epsilon=epsilon, alpha=alpha)
+
+
+def _lennard_jones(r, sigma, epsilon, r_onset, r_cutoff):
+    r = _positive(r)
+    x6 = (sigma / r) ** 6
+    return 4.0 * epsilon * (x6 * x6 - x6) * _switch(r, sigma, r_onset, r_cutoff)
+
+
+def _morse(r, sigma, epsilon, alpha, r_onset, r_cutoff):
+    u = epsilon * (1.0 - jnp.exp(-alpha * (r - sigma))) ** 2 - epsilon
+    return u * _switch(r, sigma, r_onset, r_cutoff)
 
 
 POTENTIALS: dict[str, Potential] = {
     "soft_sphere": Potential(
         name="soft_sphere",
-        defaults={"epsilon": 1.0, "alpha": 2.0},
-        build=_soft_sphere,
-        doc="U(r) = ε/α (1 - r/σ_ij)^α for r < σ_ij = (d_i + d_j)/2 (α = 2: harmonic)",
+        parameters={
+            "diameter": Parameter("species", "arithmetic", None, "particle diameter d; σ_ij = (d_i + d_j)/2"),
+            "epsilon": Parameter("global", None, 1.0, "energy scale ε"),
+            "alpha": Parameter("global", None, 2.0, "exponent α (2 harmonic, 2.5 Hertzian)"),
+        },
+        pair_fn=_soft_sphere,
+        doc="U(r) = ε/α (1 − r/σ_ij)^α for r < σ_ij, 0 beyond (finite range, repulsive)",
+    ),
+    "lennard_jones": Potential(
+        name="lennard_jones",
+        parameters={
+            "sigma": Parameter("species", "arithmetic", None, "length σ (Lorentz: σ_ij = (σ_i + σ_j)/2)"),
+            "epsilon": Parameter("species", "geometric", None, "well depth ε (Berthelot: √(ε_i ε_j))"),
+        },
+        pair_fn=_lennard_jones,
+        doc="U(r) = 4ε[(σ/r)^12 − (σ/r)^6] × S(r), S switching smoothly from 1 at r_onset·σ_ij "
+        "to 0 at r_cutoff·σ_ij (no energy shift; r_cutoff = inf: no cutoff)",
+        settings={"r_onset": 2.0, "r_cutoff": 2.5},
+    ),
+    "morse": Potential(
+        name="morse",
+        parameters={
+            "sigma": Parameter("species", "arithmetic", None, "equilibrium distance r₀ (arithmetic mixing)"),
+            "epsilon": Parameter("species", "geometric", None, "well depth D₀ (geometric mixing)"),
+            "alpha": Parameter("global", None, 5.0, "stiffness a"),
+        },
+        pair_fn=_morse,
+        doc="U(r) = ε[(1 − e^{−α(r − σ)})² − 1] × S(r), S as for lennard_jones",
+        settings={"r_onset": 2.0, "r_cutoff": 2.5},
     ),
 }
+
+
+def mix(rule: str | None, values):
+    """Pair matrix (S, S) from per-species values (rule) or a global value (broadcast)."""
+    if rule == "arithmetic":
+        return 0.5 * (values[:, None] + values[None, :])
+    if rule == "geometric":
+        return jnp.sqrt(values[:, None] * values[None, :])
+    return values
+
+
+def pair_tables(potential: Potential, params: dict, overridden: dict[str, np.ndarray], n_species: int):
+    """Pair value matrices (S, S) of every parameter (see the module docstring)."""
+    tables = {}
+    for name, spec in potential.parameters.items():
+        base = jnp.broadcast_to(mix(spec.mixing, params[name]), (n_species, n_species))
+        offset = params[PAIR][name]
+        tables[name] = jnp.where(overridden[name], offset, base + offset)
+    return tables
+
+
+def build_energy(potential: Potential, metric, types: np.ndarray, overridden, settings: dict):
+    """``energy_fn(x, params)``: the sum of φ over all pairs (dense N × N; no neighbour list)."""
+    n_species = int(types.max()) + 1
+    types = jnp.asarray(types)
+    pair_fn = potential.pair_fn
+
+    def pair_energy(r, **values):
+        return pair_fn(r, **values, **settings)
+
+    # Dynamic (call-time) N × N parameters: smap.pair must be built without
+    # ignore_unused_parameters, which would drop them and silently use the defaults.
+    pair = smap.pair(pair_energy, metric)
+
+    def energy_fn(x, params):
+        tables = pair_tables(potential, params, overridden, n_species)
+        return pair(x, **{name: table[types][:, types] for name, table in tables.items()})
+
+    return energy_fn
+
+
+def metric_from(displacement):
+    """The distance function of a JAX-MD displacement function."""
+    return space.canonicalize_displacement_or_metric(displacement)

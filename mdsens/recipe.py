@@ -29,7 +29,18 @@ MINIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 SENSITIVITY_DEFAULTS: dict[str, Any] = {"solver": "cg", "tol": 1e-12, "maxiter": 0}
 SOLVERS = ("cg", "dense")
-TOP_LEVEL = {"name": "", "description": "", "dimension": 2, "n_particles": 0, "seed": 0}
+TOP_LEVEL = {"name": "", "description": "", "seed": 0}
+# Optional: positions from a file (structure, structure_index), or random (dimension,
+# n_particles); rattle displaces every initial position by a Gaussian of this width (seeded).
+OPTIONAL_TOP_LEVEL = ("dimension", "n_particles", "structure", "structure_index", "rattle")
+LATTICES = ("fcc", "bcc", "sc")
+LATTICE_DEFAULTS: dict[str, Any] = {
+    "kind": "fcc",
+    "a": 1.5496,
+    "symbol": "A",
+    "repeat": [3, 3, 3],
+    "vacancies": [],
+}
 
 
 def available_recipes() -> list[str]:
@@ -39,29 +50,44 @@ def available_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Read a recipe by shipped name (``binary-packing``) or by path to a TOML file."""
+    """Read a recipe by shipped name (``binary-packing``) or by path to a TOML file.
+
+    A relative ``structure`` path in the recipe is taken relative to the recipe's directory and
+    made absolute, so the recipe means the same from any working directory.
+    """
     text = str(name_or_path)
     path = Path(text)
     if path.suffix == ".toml" or path.exists() or "/" in text:
         if not path.is_file():
             raise UserError(f"recipe file not found: {path}")
-        source = path.read_bytes()
     else:
-        resource = importlib.resources.files("mdsens.systems") / f"{text}.toml"
-        if not resource.is_file():
+        path = Path(str(importlib.resources.files("mdsens.systems"))) / f"{text}.toml"
+        if not path.is_file():
             raise UserError(
                 f"unknown system {text!r}; shipped systems: {', '.join(available_recipes())}"
                 " (or give a path to a .toml recipe)"
             )
-        source = resource.read_bytes()
     try:
-        return tomllib.loads(source.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        recipe = tomllib.loads(path.read_bytes().decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as error:
         raise UserError(f"cannot read recipe {text}: {error}") from None
+    if isinstance(recipe.get("structure"), str):
+        recipe["structure"] = str((path.resolve().parent / recipe["structure"]).resolve())
+    return recipe
+
+
+def _prune_parameters(recipe: Recipe, potential: str) -> None:
+    """Drop species and pair values of parameters that ``potential`` does not have."""
+    known = POTENTIALS[potential].parameters if potential in POTENTIALS else {}
+    for section, keep in (("species", {"fraction"}), ("pairs", set())):
+        for entry in recipe.get(section, {}).values():
+            if isinstance(entry, dict):
+                for key in [k for k in entry if k not in known and k not in keep]:
+                    del entry[key]
 
 
 def _potential_defaults() -> dict[str, dict[str, float]]:
-    return {name: potential.defaults for name, potential in POTENTIALS.items()}
+    return {name: {**p.parameters, **p.settings} for name, p in POTENTIALS.items()}
 
 
 def _parse_value(text: str) -> Any:
@@ -101,6 +127,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
             allowed = registry.get(table[leaf], {})
             for stale in [k for k in table if k != "name" and k not in allowed]:
                 del table[stale]
+            if parents == ["potential"]:
+                _prune_parameters(recipe, table[leaf])
     return recipe
 
 
@@ -123,6 +151,49 @@ def _number(value: Any, key: str, *, integer: bool = False, positive: bool = Tru
     return value if integer else float(value)
 
 
+def _check_species_name(name: str) -> None:
+    # "." separates a parameter from its species and "-" the two species of a pair.
+    if not name or "." in name or "-" in name or " " in name:
+        raise UserError(f"bad species name {name!r}: use letters, digits and '_' only")
+
+
+def _resolve_box(box: dict, dimension: int) -> dict:
+    box = dict(box)
+    _check_keys(box, {"packing_fraction", "side"}, "box.")
+    if len(box) != 1:
+        raise UserError("recipe table [box] needs exactly one of 'packing_fraction' or 'side'")
+    if "packing_fraction" in box:
+        box["packing_fraction"] = _number(box["packing_fraction"], "box.packing_fraction")
+    elif isinstance(box["side"], list):
+        if len(box["side"]) != dimension:
+            raise UserError(f"recipe key 'box.side' needs {dimension} lengths, got {box['side']}")
+        box["side"] = [_number(v, "box.side") for v in box["side"]]
+    else:
+        box["side"] = _number(box["side"], "box.side")
+    return box
+
+
+def _resolve_lattice(lattice: dict) -> dict:
+    _check_keys(lattice, LATTICE_DEFAULTS, "lattice.")
+    out = {**LATTICE_DEFAULTS, **lattice}
+    if out["kind"] not in LATTICES:
+        raise UserError(f"unknown lattice.kind {out['kind']!r}; known: {', '.join(LATTICES)}")
+    out["a"] = _number(out["a"], "lattice.a")
+    if not isinstance(out["symbol"], str):
+        raise UserError("recipe key 'lattice.symbol' must be a string (the species name)")
+    _check_species_name(out["symbol"])
+    repeat = out["repeat"]
+    if not (isinstance(repeat, list) and len(repeat) == 3):
+        raise UserError(f"recipe key 'lattice.repeat' must be 3 integers, got {repeat!r}")
+    out["repeat"] = [_number(n, "lattice.repeat", integer=True) for n in repeat]
+    if not isinstance(out["vacancies"], list):
+        raise UserError("recipe key 'lattice.vacancies' must be a list of site indices")
+    out["vacancies"] = [
+        _number(n, "lattice.vacancies", integer=True, positive=False) for n in out["vacancies"]
+    ]
+    return out
+
+
 def _table(recipe: Recipe, key: str) -> dict:
     value = recipe.get(key, {})
     if not isinstance(value, dict):
@@ -133,59 +204,88 @@ def _table(recipe: Recipe, key: str) -> dict:
 def resolve(recipe: Recipe) -> Recipe:
     """Fill in defaults and validate; the result is complete and reproduces the run exactly.
 
+    Positions come from exactly one source: a ``structure`` file (any format ``ase.io.read``
+    reads), a ``[lattice]``, or random positions in a ``[box]`` (with ``n_particles`` and species
+    fractions). Whether every species has every parameter is checked when the system is built,
+    since a structure file decides which species there are.
+
     Raises:
         UserError: unknown key, missing field, wrong type or out-of-range value.
     """
-    sections = {"box", "species", "potential", "minimizer", "sensitivity"}
-    _check_keys(recipe, set(TOP_LEVEL) | sections, "")
+    sections = {"box", "lattice", "species", "pairs", "potential", "minimizer", "sensitivity"}
+    _check_keys(recipe, set(TOP_LEVEL) | set(OPTIONAL_TOP_LEVEL) | sections, "")
     out: Recipe = {**TOP_LEVEL, **{k: v for k, v in recipe.items() if k not in sections}}
-    if not isinstance(out["name"], str) or not isinstance(out["description"], str):
-        raise UserError("recipe keys 'name' and 'description' must be strings")
-    out["dimension"] = _number(out["dimension"], "dimension", integer=True)
-    if out["dimension"] not in (2, 3):
-        raise UserError(f"recipe key 'dimension' must be 2 or 3, got {out['dimension']}")
-    out["n_particles"] = _number(out["n_particles"], "n_particles", integer=True)
+    for key in ("name", "description"):
+        if not isinstance(out[key], str):
+            raise UserError(f"recipe key {key!r} must be a string")
     out["seed"] = _number(out["seed"], "seed", integer=True, positive=False)
+    out["rattle"] = _number(out.get("rattle", 0.0), "rattle", positive=False)
+    if out["rattle"] < 0:
+        raise UserError(f"recipe key 'rattle' must be >= 0, got {out['rattle']}")
 
-    box = dict(_table(recipe, "box"))
-    _check_keys(box, {"packing_fraction", "side"}, "box.")
-    if len(box) != 1:
-        raise UserError("recipe table [box] needs exactly one of 'packing_fraction' or 'side'")
-    if "packing_fraction" in box:
-        box["packing_fraction"] = _number(box["packing_fraction"], "box.packing_fraction")
-    elif isinstance(box["side"], list):
-        if len(box["side"]) != out["dimension"]:
-            raise UserError(f"recipe key 'box.side' needs {out['dimension']} lengths, got {box['side']}")
-        box["side"] = [_number(v, "box.side") for v in box["side"]]
+    sources = [key for key in ("structure", "lattice", "box") if key in recipe]
+    if len(sources) != 1:
+        raise UserError(
+            "a recipe needs exactly one source of positions: 'structure' (a file), [lattice] or [box]"
+            + (f"; it has {', '.join(sources)}" if sources else "")
+        )
+    if "structure" in recipe:
+        if not isinstance(recipe["structure"], str):
+            raise UserError("recipe key 'structure' must be a file path")
+        out["structure_index"] = out.get("structure_index", -1)
+        if not isinstance(out["structure_index"], int) or isinstance(out["structure_index"], bool):
+            raise UserError("recipe key 'structure_index' must be an integer (frame of a multi-frame file)")
+        out.pop("dimension", None)
+        out.pop("n_particles", None)
+    elif "lattice" in recipe:
+        out["lattice"] = _resolve_lattice(_table(recipe, "lattice"))
+        out.pop("dimension", None)
+        out.pop("n_particles", None)
     else:
-        box["side"] = _number(box["side"], "box.side")
-    out["box"] = box
-
-    species = _table(recipe, "species")
-    if not species:
-        raise UserError("recipe needs at least one [species.NAME] table")
-    out["species"] = {}
-    for name, entry in species.items():
-        if not isinstance(entry, dict):
-            raise UserError(f"recipe key 'species.{name}' must be a table")
-        _check_keys(entry, {"fraction", "diameter"}, f"species.{name}.")
-        for key in ("fraction", "diameter"):
-            if key not in entry:
-                raise UserError(f"recipe needs species.{name}.{key}")
-        out["species"][name] = {
-            "fraction": _number(entry["fraction"], f"species.{name}.fraction"),
-            "diameter": _number(entry["diameter"], f"species.{name}.diameter"),
-        }
+        out["dimension"] = _number(out.get("dimension", 2), "dimension", integer=True)
+        if out["dimension"] not in (2, 3):
+            raise UserError(f"recipe key 'dimension' must be 2 or 3, got {out['dimension']}")
+        out["n_particles"] = _number(out.get("n_particles", 0), "n_particles", integer=True)
+        out["box"] = _resolve_box(_table(recipe, "box"), out["dimension"])
 
     potential = dict(_table(recipe, "potential"))
     name = potential.pop("name", "soft_sphere")
     if name not in POTENTIALS:
         raise UserError(f"unknown potential {name!r}; known: {', '.join(sorted(POTENTIALS))}")
-    defaults = POTENTIALS[name].defaults
-    _check_keys(potential, defaults, "potential.")
+    spec = POTENTIALS[name]
+    _check_keys(potential, set(spec.parameters) | set(spec.settings), "potential.")
     out["potential"] = {"name": name}
-    for key, default in defaults.items():
+    for key, default in spec.settings.items():
         out["potential"][key] = _number(potential.get(key, default), f"potential.{key}")
+    for key, parameter in spec.parameters.items():
+        value = potential.get(key, parameter.default)
+        if value is not None:
+            out["potential"][key] = _number(value, f"potential.{key}")
+
+    species_keys = {"fraction"} | {k for k, p in spec.parameters.items() if p.level == "species"}
+    out["species"] = {}
+    for species, entry in _table(recipe, "species").items():
+        _check_species_name(species)
+        if not isinstance(entry, dict):
+            raise UserError(f"recipe key 'species.{species}' must be a table")
+        _check_keys(entry, species_keys, f"species.{species}.")
+        out["species"][species] = {k: _number(v, f"species.{species}.{k}") for k, v in entry.items()}
+    if "box" in out:
+        if not out["species"]:
+            raise UserError("a recipe with random positions needs at least one [species.NAME] table")
+        for species, entry in out["species"].items():
+            if "fraction" not in entry:
+                raise UserError(f"recipe needs species.{species}.fraction")
+
+    out["pairs"] = {}
+    for pair, entry in _table(recipe, "pairs").items():
+        names = pair.split("-")
+        if len(names) != 2 or not all(names):
+            raise UserError(f"bad pair name {pair!r} in [pairs]: expected 'A-B' (two species names)")
+        if not isinstance(entry, dict):
+            raise UserError(f"recipe key 'pairs.{pair}' must be a table")
+        _check_keys(entry, spec.parameters, f"pairs.{pair}.")
+        out["pairs"][pair] = {k: _number(v, f"pairs.{pair}.{k}") for k, v in entry.items()}
 
     minimizer = dict(_table(recipe, "minimizer"))
     name = minimizer.pop("name", "fire")

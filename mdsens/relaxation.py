@@ -37,6 +37,8 @@ class RelaxResult:
         wall_time: seconds, compilation included.
         minimizer: the minimiser's name.
         fmax: the force tolerance asked for.
+        initial_energy: E at the start; a relaxation that ends higher than it started is
+            unstable (time step too large) and is not ``converged`` whatever its forces.
     """
 
     positions: np.ndarray
@@ -47,14 +49,29 @@ class RelaxResult:
     wall_time: float
     minimizer: str
     fmax: float
+    initial_energy: float
+
+    @property
+    def energy_increased(self) -> bool:
+        return rose(self.initial_energy, self.energy)
 
     def require_converged(self) -> None:
         """Raise :class:`NotConvergedError` unless the relaxation reached ``fmax``."""
+        if self.energy_increased:
+            raise NotConvergedError(
+                f"relaxation is unstable: the energy rose from {self.initial_energy:.6g} to"
+                f" {self.energy:.6g} (reduce minimizer.dt_max / dt_start, or minimizer.step_size)"
+            )
         if not self.converged:
             raise NotConvergedError(
                 f"relaxation did not converge: max force {self.max_force:.3g} > fmax {self.fmax:.3g}"
                 f" after {self.steps} steps (raise minimizer.max_steps or relax fmax)"
             )
+
+
+def rose(before: float, after: float) -> bool:
+    """Whether an energy rose beyond round-off: a minimiser must not end above its start."""
+    return after > before + 1e-9 * max(1.0, abs(before))
 
 
 def max_force(forces: jax.Array) -> jax.Array:
@@ -144,7 +161,9 @@ class Relaxer:
         params = self.system.params if params is None else params
         x0 = self.system.positions if x0 is None else x0
         start = time.perf_counter()
-        state = self._init(jnp.asarray(x0, dtype=jnp.float64), params)
+        x0 = jnp.asarray(x0, dtype=jnp.float64)
+        initial_energy = float(self._energy(x0, params))
+        state = self._init(x0, params)
         steps = 0
         while True:
             cap = min(steps + CHUNK_STEPS, self.max_steps)
@@ -162,10 +181,11 @@ class Relaxer:
             energy=energy,
             max_force=force,
             steps=steps,
-            converged=bool(force <= self.fmax),
+            converged=force <= self.fmax and not rose(initial_energy, energy),
             wall_time=time.perf_counter() - start,
             minimizer=self.name,
             fmax=self.fmax,
+            initial_energy=initial_energy,
         )
 
 

@@ -75,21 +75,18 @@ def versions() -> dict[str, str]:
 
 
 def _atoms(system: System, positions: np.ndarray) -> ase.Atoms:
-    """ASE atoms of a (2-D or 3-D) periodic system; 2-D systems lie in z = 0, not periodic in z."""
-    n, d = positions.shape
-    xyz = np.zeros((n, 3))
-    xyz[:, :d] = positions
-    cell = np.zeros(3)
-    cell[:d] = system.box
-    atoms = ase.Atoms(
-        symbols=["X"] * n, positions=xyz, cell=np.diag(cell), pbc=[True] * d + [False] * (3 - d)
-    )
-    diameters = np.asarray(system.params["diameter"])[system.types]
-    atoms.new_array("type", system.types.astype(int))
-    atoms.new_array("diameter", diameters)
-    atoms.new_array("radius", diameters / 2)  # OVITO sizes particles by a "radius" column
+    """The input's atoms (order, symbols, tags, cell, pbc, info) at new positions, with mdsens's
+    per-atom arrays and parameter values. 2-D systems lie in z = 0 and are not periodic in z."""
+    atoms = system.atoms.copy()
+    atoms.positions = _vectors3(positions)
+    atoms.arrays["type"] = system.types.astype(int)
+    if "diameter" in system.params:
+        diameters = np.asarray(system.params["diameter"])[system.types]
+        atoms.arrays["diameter"] = diameters
+        atoms.arrays["radius"] = diameters / 2  # OVITO sizes particles by a "radius" column
     atoms.info["species_names"] = ",".join(system.species)
     atoms.info["system"] = system.name
+    atoms.info["potential"] = system.potential.name
     for name in parameter_names(system):
         atoms.info[name] = parameter_value(system, system.params, name)
     return atoms
@@ -119,12 +116,13 @@ def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxRes
         "fmax": result.fmax,
         "minimizer": result.minimizer,
         "wall_time": result.wall_time,
+        "initial_energy": result.initial_energy,
     }
     atoms = _atoms(system, result.positions)
     # ASE moves an info["energy"] into the calculator on reading; keep it there from the start.
     atoms.info.update({k: v for k, v in record.items() if k != "energy"})
     atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=_vectors3(forces))
-    arrays = {"positions": result.positions, "types": system.types, "box": system.box}
+    arrays = {"positions": result.positions, "types": system.types, "cell": system.cell, "pbc": system.pbc}
     arrays.update({key: np.asarray(value) for key, value in record.items()})
     atomic.write_all(
         {
@@ -186,6 +184,7 @@ def _relax_result(positions: np.ndarray, stored: dict) -> RelaxResult:
         wall_time=float(stored["wall_time"]),
         minimizer=str(stored["minimizer"]),
         fmax=float(stored["fmax"]),
+        initial_energy=float(stored["initial_energy"]),
     )
 
 

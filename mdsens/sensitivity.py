@@ -10,6 +10,7 @@ code.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
+from mdsens.potentials import PAIR
 from mdsens.relaxation import Relaxer, RelaxResult
 from mdsens.system import System
 
@@ -28,53 +30,112 @@ ABSURD_SCALE = 1e8
 
 
 def parameter_names(system: System) -> list[str]:
-    """Every scalar parameter name of the system, e.g. ``diameter.A``, ``epsilon``."""
-    names = [f"diameter.{s}" for s in system.species]
-    return names + [key for key in system.params if key != "diameter"]
+    """Every independent scalar parameter of the system, e.g. ``diameter.A``, ``epsilon``.
+
+    Species-level parameters give one name per species (``sigma.Ar``), global ones their bare
+    name (``alpha``), and explicitly set pair values one per pair (``sigma.Ar-Kr``).
+    """
+    names = []
+    for key, spec in system.potential.parameters.items():
+        names += [f"{key}.{s}" for s in system.species] if spec.level == "species" else [key]
+        a, b = np.nonzero(np.triu(system.overridden[key]))
+        names += [f"{key}.{system.species[i]}-{system.species[j]}" for i, j in zip(a, b, strict=True)]
+    return names
+
+
+def _address(system: System, name: str) -> tuple[str, str, tuple[int, ...]]:
+    """(parameter, level, species indices) of a scalar name: ``epsilon``, ``sigma.Ar``, ``sigma.Ar-Kr``."""
+    key, _, rest = name.partition(".")
+    spec = system.potential.parameters.get(key)
+    if spec is None:
+        raise UserError(
+            f"unknown parameter {name!r}; {system.potential.name} has: "
+            + ", ".join(system.potential.parameters)
+        )
+    if not rest:
+        if spec.level == "species":
+            raise UserError(f"{key!r} is per species: name one ({key}.{system.species[0]}) or expand it")
+        return key, "global", ()
+    parts = rest.split("-")
+    if any(p not in system.species for p in parts) or len(parts) > 2:
+        raise UserError(f"unknown species in parameter {name!r}; species: {', '.join(system.species)}")
+    indices = tuple(sorted(system.species.index(p) for p in parts))
+    if len(indices) == 1:
+        if spec.level != "species":
+            raise UserError(f"{key!r} is one value for all species; use {key!r} or a pair {key}.A-B")
+        return key, "species", indices
+    return key, "pair", indices
+
+
+def _canonical(system: System, name: str) -> str:
+    key, level, indices = _address(system, name)
+    if level == "pair":
+        return f"{key}.{system.species[indices[0]]}-{system.species[indices[1]]}"
+    return name
 
 
 def expand_parameters(system: System, selection: list[str] | tuple[str, ...]) -> list[str]:
-    """Expand ``diameter`` to one name per species and check every name; keeps order, no repeats.
+    """Check every name and expand a bare parameter name to all its independent entries.
+
+    ``diameter`` → ``diameter.A``, ``diameter.B`` (and set pairs); ``sigma.Kr-Ar`` →
+    ``sigma.Ar-Kr`` (species order). Keeps order, drops repeats.
 
     Raises:
-        UserError: an unknown name.
+        UserError: an unknown parameter or species.
     """
     known = parameter_names(system)
     out: list[str] = []
     for name in selection:
-        group = [n for n in known if n.split(".")[0] == name] if "." not in name else []
-        if name in known:
-            group = [name]
-        if not group:
-            raise UserError(f"unknown parameter {name!r}; known: diameter, {', '.join(known)}")
+        if "." not in name and name in system.potential.parameters:
+            group = [n for n in known if n == name or n.startswith(name + ".")]
+        else:
+            group = [_canonical(system, name)]
         out += [n for n in group if n not in out]
     return out
 
 
-def parameter_value(system: System, params: dict, name: str) -> float:
-    """The value of the scalar parameter ``name`` in ``params``."""
-    key, _, species = name.partition(".")
-    value = params[key]
-    return float(value[system.species.index(species)] if species else value)
-
-
 def unit_tangent(system: System, name: str) -> dict:
     """A tangent pytree shaped like ``system.params``: 1 at parameter ``name``, 0 elsewhere."""
-    key, _, species = name.partition(".")
+    key, level, indices = _address(system, name)
     tangent = jax.tree_util.tree_map(jnp.zeros_like, system.params)
-    one = jnp.zeros_like(system.params[key])
-    one = one.at[system.species.index(species)].set(1.0) if species else jnp.ones_like(one)
-    return {**tangent, key: one}
+    if level == "global":
+        tangent[key] = jnp.ones_like(tangent[key])
+    elif level == "species":
+        tangent[key] = tangent[key].at[indices[0]].set(1.0)
+    else:
+        i, j = indices
+        tangent[PAIR] = {**tangent[PAIR], key: tangent[PAIR][key].at[i, j].set(1.0).at[j, i].set(1.0)}
+    return tangent
+
+
+def directional(tree, tangent) -> float:
+    """Σ tree · tangent over the pytree: a gradient's component along a parameter direction."""
+    products = jax.tree_util.tree_map(lambda a, b: jnp.sum(a * b), tree, tangent)
+    return float(jax.tree_util.tree_reduce(lambda a, b: a + b, products))
+
+
+def parameter_value(system: System, params: dict, name: str) -> float:
+    """The value of the scalar parameter ``name`` in ``params`` (a pair's value after mixing)."""
+    key, level, indices = _address(system, name)
+    if level == "pair":
+        return float(system.pair_values(params)[key][indices[0], indices[1]])
+    value = params[key]
+    return float(value[indices[0]] if level == "species" else value)
 
 
 def linear_solve_from_recipe(system: System, solver: str | None = None) -> implicit.LinearSolve:
-    """The linear solve named in the recipe's ``sensitivity`` table (or by ``solver``)."""
+    """The linear solve named in the recipe's ``sensitivity`` table (or by ``solver``).
+
+    Its absolute tolerance is the norm of a force field with every component at the
+    relaxation's ``fmax``: the right-hand side is known no better than the state is relaxed.
+    """
     settings = system.recipe["sensitivity"]
     solver = settings["solver"] if solver is None else solver
+    atol = system.recipe["minimizer"]["fmax"] * math.sqrt(system.positions.size)
     if solver == "cg":
-        return implicit.cg(tol=settings["tol"], maxiter=settings["maxiter"] or None)
+        return implicit.cg(tol=settings["tol"], maxiter=settings["maxiter"] or None, atol=atol)
     if solver == "dense":
-        return implicit.dense()
+        return implicit.dense(atol=atol)
     raise UserError(f"unknown solver {solver!r}; known: cg, dense")
 
 
@@ -212,16 +273,17 @@ class Sensitivity:
             )
         denergy = self._denergy(x, params)
         out = {}
-        scale = ABSURD_SCALE * float(np.max(system.box))
+        scale = ABSURD_SCALE * max(float(np.max(np.abs(system.cell))), float(np.ptp(positions)), 1.0)
         for name in names:
             t0 = time.perf_counter()
-            dx, info = self._tangent(x, params, unit_tangent(system, name))
+            tangent = unit_tangent(system, name)
+            dx, info = self._tangent(x, params, tangent)
             dx = np.asarray(dx)
             entry = ParameterSensitivity(
                 name=name,
                 value=parameter_value(system, params, name),
                 dx=dx,
-                denergy=parameter_value(system, denergy, name),
+                denergy=directional(denergy, tangent),
                 solver=self.solver,
                 iterations=int(info.iterations),
                 residual=float(info.residual),
@@ -248,7 +310,7 @@ class Sensitivity:
             parameters=out,
             max_force=force,
             state_relaxed=force <= fmax,
-            removed_modes=[f"translation.{axis}" for axis in "xyz"[: system.dimension]],
+            removed_modes=system.zero_modes,
             wall_time=time.perf_counter() - start,
         )
 

@@ -1,11 +1,13 @@
-"""A particle system built from a resolved recipe: positions, box, species, energy(x, θ).
+"""A particle system built from a resolved recipe: positions, space, species, energy(x, θ).
 
-:func:`load_system` is the entry point: recipe name or path → overrides → defaults and checks →
-:class:`System`. The system holds the initial positions, the periodic space, the parameter
-pytree θ and ``energy_fn(x, params)``; it knows nothing about files or the command line.
+:func:`load_system` is the entry point: recipe name or path (or a structure file) → overrides →
+defaults and checks → :class:`System`. Positions come from a structure file (any format
+``ase.io.read`` reads), a lattice, or uniform random positions in a box. The space follows the
+cell and periodicity: an orthorhombic periodic cell → ``space.periodic``, a triclinic one →
+``space.periodic_general`` (Cartesian coordinates), no periodicity → ``space.free``. A system
+knows nothing about files it writes or the command line.
 
-The box is fixed when the system is built (from the packing fraction at the recipe's
-diameters); sensitivities with respect to diameters are taken at that fixed box.
+The cell is fixed when the system is built; derivatives are taken at that fixed cell.
 """
 
 from __future__ import annotations
@@ -15,14 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ase
+import ase.build
+import ase.io
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax_md import space
 
-from mdsens.errors import UserError
-from mdsens.potentials import POTENTIALS, EnergyFn
+from mdsens.errors import READ_ERRORS, UserError
+from mdsens.potentials import PAIR, POTENTIALS, EnergyFn, Potential, build_energy, metric_from, pair_tables
 from mdsens.recipe import Recipe, apply_overrides, load_recipe, resolve
+
+SPACES = ("periodic", "periodic_general", "free")
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,22 +38,33 @@ class System:
 
     Attributes:
         recipe: the resolved recipe (complete: it rebuilds this system exactly).
-        positions: initial positions, shape (N, d), float64.
+        positions: initial positions, shape (N, d), float64, Cartesian.
         types: species index of every particle, shape (N,).
         species: species names; ``types`` indexes this tuple.
-        box: side lengths of the periodic box, shape (d,).
-        params: the parameter pytree θ: ``diameter`` (one per species) and the potential's
-            global parameters (e.g. ``epsilon``, ``alpha``), float64 arrays.
+        cell: the cell, shape (d, d), one lattice vector per row (ASE's convention); zeros for
+            a free system.
+        pbc: periodicity along each of the d directions.
+        space_kind: ``periodic``, ``periodic_general`` or ``free``.
+        potential: the potential's registry entry.
+        params: the parameter pytree θ (see :mod:`mdsens.potentials`).
+        overridden: per parameter, the (S, S) mask of explicitly set pair values.
+        atoms: ASE atoms of the input (symbols, tags, cell, info), for writing results that
+            line up with the user's file.
         energy_fn: ``energy_fn(x, params) -> E``, differentiable in both arguments.
-        displacement, shift: JAX-MD periodic space functions.
+        displacement, shift: JAX-MD space functions.
     """
 
     recipe: Recipe
     positions: np.ndarray
     types: np.ndarray
     species: tuple[str, ...]
-    box: np.ndarray
-    params: dict[str, jax.Array]
+    cell: np.ndarray
+    pbc: np.ndarray
+    space_kind: str
+    potential: Potential
+    params: dict[str, Any]
+    overridden: dict[str, np.ndarray] = field(repr=False)
+    atoms: ase.Atoms = field(repr=False)
     energy_fn: EnergyFn = field(repr=False)
     displacement: Any = field(repr=False)
     shift: Any = field(repr=False)
@@ -63,19 +81,47 @@ class System:
     def name(self) -> str:
         return self.recipe["name"]
 
+    @property
+    def box(self) -> np.ndarray:
+        """Side lengths of an orthorhombic cell, shape (d,) (the cell's diagonal)."""
+        return np.diag(self.cell).copy()
+
     def force_fn(self, x, params):
         """-∇ₓE(x, params)."""
         return -jax.grad(self.energy_fn)(x, params)
 
-    def translation_basis(self) -> jax.Array:
-        """Orthonormal basis of rigid translations, shape (N·d, d): the periodic box's zero modes."""
-        n, d = self.n_particles, self.dimension
-        return jnp.kron(jnp.ones((n, 1)), jnp.eye(d)) / math.sqrt(n)
+    def pair_values(self, params=None) -> dict[str, jax.Array]:
+        """The (S, S) pair value of every parameter, after mixing and overrides."""
+        params = self.params if params is None else params
+        return pair_tables(self.potential, params, self.overridden, len(self.species))
+
+    @property
+    def zero_modes(self) -> list[str]:
+        """Names of the rigid motions the energy is invariant under (removed from derivatives)."""
+        axes = "xyz"[: self.dimension]
+        modes = [f"translation.{a}" for a in axes]
+        if self.space_kind == "free":
+            modes += ["rotation.z"] if self.dimension == 2 else [f"rotation.{a}" for a in axes]
+        return modes
 
     def nullspace(self, x, params) -> jax.Array:
-        """Null-space basis of the Hessian at ``x`` for the implicit solve (translations)."""
-        del x, params
-        return self.translation_basis()
+        """Orthonormal basis (N·d, k) of the Hessian's rigid-motion zero modes at ``x``.
+
+        Translations in every space; rotations about the centroid too in free space.
+        """
+        del params
+        n, d = x.shape
+        vectors = [jnp.zeros((n, d)).at[:, a].set(1.0) for a in range(d)]
+        if self.space_kind == "free":
+            r = x - jnp.mean(x, axis=0)
+            if d == 2:
+                vectors.append(jnp.stack([-r[:, 1], r[:, 0]], axis=1))
+            else:
+                for axis in jnp.eye(3):
+                    vectors.append(jnp.cross(axis, r))
+        basis = jnp.stack([v.ravel() for v in vectors], axis=1)
+        q, _ = jnp.linalg.qr(basis)
+        return q
 
     def with_positions(self, positions) -> System:
         """The same system started from other positions (used to re-relax warm-started)."""
@@ -104,60 +150,269 @@ def particle_volume(diameter: float, dimension: int) -> float:
     return math.pi * r**2 if dimension == 2 else 4.0 / 3.0 * math.pi * r**3
 
 
-def build_system(recipe: Recipe) -> System:
-    """Build a :class:`System` from a recipe (resolved here if it is not already)."""
-    recipe = resolve(recipe)
+def read_structure(path: str | Path, index: int = -1) -> ase.Atoms:
+    """Read one frame of any file ``ase.io.read`` reads; a bad or empty file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"structure file not found: {path}")
+    try:
+        atoms = ase.io.read(path, index=index)
+    except (*READ_ERRORS, StopIteration, AttributeError, TypeError, UnicodeDecodeError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read structure {path}: {detail}") from None
+    if not isinstance(atoms, ase.Atoms):
+        raise UserError(f"cannot read structure {path}: not a single structure")
+    if len(atoms) == 0:
+        raise UserError(f"structure {path} has no atoms")
+    return atoms
+
+
+def _species_of(atoms: ase.Atoms) -> tuple[tuple[str, ...], np.ndarray]:
+    """Species names and indices: from a per-atom ``type`` array if present, else the symbols.
+
+    With ``type``, names come from ``info["species_names"]`` (mdsens's own files), else from the
+    chemical symbols when each type has one symbol of its own, else ``T0``, ``T1``, ….
+    """
+    symbols = np.array(atoms.get_chemical_symbols())
+    if "type" not in atoms.arrays:
+        names = tuple(dict.fromkeys(symbols.tolist()))
+        return names, np.array([names.index(s) for s in symbols])
+    raw = np.asarray(atoms.arrays["type"])
+    if not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0:
+        raise UserError("per-atom array 'type' must hold non-negative integers")
+    _, types = np.unique(raw, return_inverse=True)
+    count = int(types.max()) + 1
+    given = atoms.info.get("species_names")
+    # ASE reads a comma-separated info value back as a string, or as an array if numeric.
+    names = [str(v) for v in np.atleast_1d(given)] if isinstance(given, np.ndarray) else []
+    if isinstance(given, str):
+        names = given.split(",")
+    if len(names) == count and np.array_equal(np.unique(raw), np.arange(count)):
+        return tuple(names), types
+    per_type = [np.unique(symbols[types == t]) for t in range(count)]
+    if all(p.size == 1 for p in per_type) and len({p[0] for p in per_type}) == count:
+        return tuple(str(p[0]) for p in per_type), types
+    return tuple(f"T{t}" for t in np.unique(raw)), types
+
+
+def _generate(recipe: Recipe) -> ase.Atoms:
+    """ASE atoms (symbols 'X', a per-atom ``type``) from a lattice or random positions in a box."""
+    if "lattice" in recipe:
+        lat = recipe["lattice"]
+        atoms = ase.build.bulk("X", lat["kind"], a=lat["a"], cubic=True).repeat(lat["repeat"])
+        sites = atoms.get_positions()
+        vacancies = sorted(set(lat["vacancies"]))
+        if vacancies and (vacancies[0] < 0 or vacancies[-1] >= len(atoms)):
+            raise UserError(f"lattice.vacancies must be site indices in [0, {len(atoms)})")
+        del atoms[vacancies]
+        atoms.arrays["type"] = np.zeros(len(atoms), dtype=int)
+        atoms.info["species_names"] = lat["symbol"]
+        if vacancies:
+            atoms.info["defect_position"] = sites[vacancies[0]]
+        return atoms
     d, n = recipe["dimension"], recipe["n_particles"]
     names = tuple(recipe["species"])
-    fractions = [recipe["species"][s]["fraction"] for s in names]
-    diameters = [recipe["species"][s]["diameter"] for s in names]
-    counts = species_counts(fractions, n)
+    counts = species_counts([recipe["species"][s]["fraction"] for s in names], n)
     if any(c == 0 for c in counts):
-        empty = names[counts.index(0)]
-        raise UserError(f"species {empty!r} gets no particle out of {n}; raise n_particles")
+        raise UserError(f"species {names[counts.index(0)]!r} gets no particle out of {n}; raise n_particles")
     types = np.repeat(np.arange(len(names)), counts)
-
     if "side" in recipe["box"]:
         box = np.broadcast_to(np.asarray(recipe["box"]["side"], dtype=np.float64), (d,)).copy()
     else:
+        diameters = []
+        for s in names:
+            if "diameter" not in recipe["species"][s]:
+                raise UserError(f"box.packing_fraction needs species.{s}.diameter (or give box.side)")
+            diameters.append(recipe["species"][s]["diameter"])
         occupied = sum(c * particle_volume(dia, d) for c, dia in zip(counts, diameters, strict=True))
         box = np.full(d, (occupied / recipe["box"]["packing_fraction"]) ** (1.0 / d))
-
     key = jax.random.PRNGKey(recipe["seed"])
     positions = np.asarray(jax.random.uniform(key, (n, d), dtype=jnp.float64)) * box
+    xyz, cell = np.zeros((n, 3)), np.zeros(3)
+    xyz[:, :d], cell[:d] = positions, box
+    atoms = ase.Atoms(["X"] * n, positions=xyz, cell=np.diag(cell), pbc=[True] * d + [False] * (3 - d))
+    atoms.arrays["type"] = types
+    atoms.info["species_names"] = ",".join(names)
+    return atoms
 
+
+def _geometry(atoms: ase.Atoms) -> tuple[int, np.ndarray, np.ndarray, str]:
+    """Dimension, cell (d × d), pbc (d,) and space kind of ASE atoms."""
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    cell = np.asarray(atoms.cell[:], dtype=np.float64)
+    z = atoms.positions[:, 2]
+    planar = pbc[0] and pbc[1] and not pbc[2] and np.ptp(z) == 0 and not np.any(cell[2])
+    if planar:
+        d, cell, pbc = 2, cell[:2, :2], pbc[:2]
+    elif pbc.all() or not pbc.any():
+        d = 3
+    else:
+        raise UserError(
+            f"mixed periodicity (pbc = {pbc.tolist()}) is not supported: use a fully periodic cell, "
+            "a free cluster, or a 2-D system in the plane z = 0 periodic along x and y"
+        )
+    if not pbc.any():
+        return d, np.zeros((d, d)), pbc, "free"
+    if abs(np.linalg.det(cell)) < 1e-12:
+        raise UserError("the periodic cell has zero volume")
+    orthorhombic = np.allclose(cell, np.diag(np.diag(cell))) and np.all(np.diag(cell) > 0)
+    return d, cell, pbc, "periodic" if orthorhombic else "periodic_general"
+
+
+def _space(kind: str, cell: np.ndarray):
+    if kind == "free":
+        return space.free()
+    if kind == "periodic":
+        return space.periodic(jnp.asarray(np.diag(cell)))
+    # JAX-MD's box maps fractional to Cartesian coordinates as columns: the transpose of ASE's.
+    return space.periodic_general(jnp.asarray(cell.T), fractional_coordinates=False)
+
+
+def _parameters(
+    recipe: Recipe, potential: Potential, species: tuple[str, ...], types: np.ndarray, atoms: ase.Atoms
+):
+    """The parameter pytree θ and the pair-override masks, with every value accounted for."""
+    n_species = len(species)
+    table = recipe["species"]
+    unknown = sorted(set(table) - set(species))
+    if unknown:
+        raise UserError(
+            f"recipe has [species.{unknown[0]}], but the system's species are {', '.join(species)}"
+        )
+    params: dict[str, Any] = {PAIR: {}}
+    overridden = {}
+    for name, spec in potential.parameters.items():
+        if spec.level == "species":
+            values = []
+            for t, s in enumerate(species):
+                value = table.get(s, {}).get(name, recipe["potential"].get(name))
+                if value is None and name == "diameter" and "diameter" in atoms.arrays:
+                    # A per-atom diameter array (mdsens's own files) gives each species its value.
+                    value = float(atoms.arrays["diameter"][np.flatnonzero(types == t)[0]])
+                if value is None:
+                    raise UserError(
+                        f"species {s} has no {name}: set it with --set species.{s}.{name}=VALUE "
+                        f"(or --set potential.{name}=VALUE for every species)"
+                    )
+                values.append(value)
+            params[name] = jnp.asarray(values, dtype=jnp.float64)
+        else:
+            params[name] = jnp.asarray(recipe["potential"][name], dtype=jnp.float64)
+        params[PAIR][name] = np.zeros((n_species, n_species))
+        overridden[name] = np.zeros((n_species, n_species), dtype=bool)
+    for pair, values in recipe["pairs"].items():
+        a, b = pair.split("-")
+        for s in (a, b):
+            if s not in species:
+                raise UserError(f"[pairs.{pair}] names species {s!r}, not one of {', '.join(species)}")
+        i, j = species.index(a), species.index(b)
+        for name, value in values.items():
+            for u, v in ((i, j), (j, i)):
+                params[PAIR][name][u, v] = value
+                overridden[name][u, v] = True
+    params[PAIR] = {k: jnp.asarray(v) for k, v in params[PAIR].items()}
+    return params, overridden
+
+
+def build_system(recipe: Recipe) -> System:
+    """Build a :class:`System` from a recipe (resolved here if it is not already)."""
+    recipe = resolve(recipe)
+    if "structure" in recipe:
+        recipe["structure"] = str(Path(recipe["structure"]).resolve())
+        atoms = read_structure(recipe["structure"], recipe["structure_index"])
+        atoms.info.pop("energy", None)
+    else:
+        atoms = _generate(recipe)
+    d, cell, pbc, kind = _geometry(atoms)
+    species, types = _species_of(atoms)
     potential = POTENTIALS[recipe["potential"]["name"]]
-    params = {"diameter": jnp.asarray(diameters, dtype=jnp.float64)}
-    for key_ in potential.defaults:
-        params[key_] = jnp.asarray(recipe["potential"][key_], dtype=jnp.float64)
+    params, overridden = _parameters(recipe, potential, species, types, atoms)
 
-    displacement, shift = space.periodic(jnp.asarray(box))
-    return System(
+    positions = np.array(atoms.positions[:, :d], dtype=np.float64)
+    if recipe["rattle"] > 0:
+        rng = np.random.default_rng(recipe["seed"])
+        positions = positions + rng.normal(scale=recipe["rattle"], size=positions.shape)
+    displacement, shift = _space(kind, cell)
+    settings = {k: recipe["potential"][k] for k in potential.settings}
+    energy_fn = build_energy(potential, metric_from(displacement), types, overridden, settings)
+    system = System(
         recipe=recipe,
         positions=positions,
         types=types,
-        species=names,
-        box=box,
+        species=species,
+        cell=cell,
+        pbc=pbc,
+        space_kind=kind,
+        potential=potential,
         params=params,
-        energy_fn=potential.build(displacement, types),
+        overridden=overridden,
+        atoms=atoms,
+        energy_fn=energy_fn,
         displacement=displacement,
         shift=shift,
+    )
+    _check_finite_energy(system)
+    return system
+
+
+def _check_finite_energy(system: System) -> None:
+    """Atoms on top of each other give a non-finite energy: say which pair, before relaxing."""
+    x = jnp.asarray(system.positions)
+    energy = float(system.energy_fn(x, system.params))
+    forces = np.asarray(system.force_fn(x, system.params))
+    if np.isfinite(energy) and np.all(np.isfinite(forces)):
+        return
+    metric = metric_from(system.displacement)
+    distances = np.asarray(jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x))
+    np.fill_diagonal(distances, np.inf)
+    i, j = np.unravel_index(np.argmin(distances), distances.shape)
+    raise UserError(
+        f"the energy at the initial positions is not finite: atoms {min(i, j)} and {max(i, j)} are "
+        f"{distances[i, j]:.3g} apart"
     )
 
 
 def load_system(
-    system: str | Path = "binary-packing",
+    system: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     seed: int | None = None,
+    structure: str | Path | None = None,
+    index: int | None = None,
+    potential: str | None = None,
 ) -> System:
-    """Load a recipe by name or path, apply ``KEY=VALUE`` overrides and a seed, build the system.
+    """Load a recipe, apply a structure file, potential, ``KEY=VALUE`` overrides and seed; build.
+
+    Args:
+        system: shipped recipe name or path to a recipe; default ``binary-packing``, or an empty
+            recipe when ``structure`` is given.
+        overrides: ``KEY=VALUE`` strings with dotted keys (see :func:`mdsens.recipe.apply_overrides`).
+        seed: replaces the recipe's seed.
+        structure: a file ``ase.io.read`` reads; positions, cell, periodicity and species come
+            from it instead of the recipe's source (``index`` picks a frame).
+        potential: potential name, set before the overrides (its parameters come from them).
 
     Raises:
-        UserError: unknown system, unreadable recipe, bad override or invalid value.
+        UserError: unknown system, unreadable recipe or structure, bad override, invalid value,
+            a species without parameters, or overlapping atoms.
     """
-    recipe = apply_overrides(load_recipe(system), overrides)
+    if system is None and structure is not None:
+        recipe: Recipe = {}
+    else:
+        system = "binary-packing" if system is None else system
+        recipe = load_recipe(system)
+        recipe.setdefault("name", Path(str(system)).stem)
+    if structure is not None:
+        for key in ("box", "lattice", "n_particles", "dimension", "structure_index"):
+            recipe.pop(key, None)
+        for table in recipe.get("species", {}).values():
+            table.pop("fraction", None)
+        recipe["structure"] = str(Path(structure).resolve())
+        recipe["name"] = Path(structure).stem
+    if index is not None:
+        recipe["structure_index"] = index
+    if potential is not None:
+        recipe = apply_overrides(recipe, [f'potential.name="{potential}"'])
+    recipe = apply_overrides(recipe, overrides)
     if seed is not None:
         recipe["seed"] = seed
-    if not recipe.get("name"):
-        recipe["name"] = Path(str(system)).stem
     return build_system(recipe)

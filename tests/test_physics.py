@@ -128,7 +128,7 @@ def test_jvp_of_relaxed_positions_fn_matches_sensitivity(
 ):
     x_star, _, _ = packing_vjp
     x0 = jnp.asarray(packing_relaxed.positions)
-    tangents = {key: jnp.zeros_like(value) for key, value in packing_system.params.items()}
+    tangents = jax.tree_util.tree_map(jnp.zeros_like, packing_system.params)
     tangents["diameter"] = jnp.array([0.0, 1.0])
     _, dx = jax.jvp(lambda p: x_star(p, x0), (packing_system.params,), (tangents,))
     assert rel_err(dx, packing_sensitivity.parameters["diameter.B"].dx) < 1e-10

@@ -172,7 +172,7 @@ def test_unknown_key(packing_recipe, item):
         "box.side=[8.0, true]",
         "potential.epsilon=-1.0",
         "potential.alpha=0",
-        "potential.name=lennard_jones",
+        "potential.name=no_such_potential",
         "minimizer.fmax=0",
         "minimizer.fmax=true",
         "minimizer.max_steps=0",
@@ -255,7 +255,7 @@ def test_missing_fields():
     with pytest.raises(UserError, match="species"):
         resolve({"n_particles": 4, "box": {"side": 5.0}})
     with pytest.raises(UserError, match="diameter"):
-        resolve({"n_particles": 4, "box": {"side": 5.0}, "species": {"A": {"fraction": 1.0}}})
+        build_system({"n_particles": 4, "box": {"side": 5.0}, "species": {"A": {"fraction": 1.0}}})
     with pytest.raises(UserError, match="box"):
         resolve({"n_particles": 4, "species": {"A": {"fraction": 1.0, "diameter": 1.0}}})
 

@@ -141,7 +141,7 @@ def test_relaxed_npz_keeps_full_precision(run_dir, computed):
         assert float(data["max_force"]) == relaxed.max_force
         assert int(data["steps"]) == relaxed.steps
         np.testing.assert_array_equal(data["types"], system.types)
-        np.testing.assert_array_equal(data["box"], system.box)
+        np.testing.assert_array_equal(data["cell"], system.cell)
     # Still relaxed after the round trip (an 8-decimal copy would not be: max|F| ~ 1e-8).
     assert max_force(system, positions) <= 1e-12
 
