@@ -190,8 +190,11 @@ def test_sensitivity_json_has_energies_diagnostics_timings_versions(run_dir, com
         assert entry["denergy"] == expected.denergy
         assert entry["value"] == expected.value
         assert entry["solver"] == "cg"
-        assert entry["iterations"] == expected.iterations > 0
-        assert entry["residual"] == expected.residual <= 1e-10
+        assert entry["iterations"] == expected.iterations
+        assert entry["residual"] == expected.residual
+        # dx*/dε = 0: the right-hand side is residual-force noise below the solve's absolute
+        # tolerance, so the solve stops at once with v = 0 (relative residual 1).
+        assert expected.residual <= 1e-10 or (expected.iterations == 0 and not expected.dx.any())
         assert entry["converged"] is True
         assert entry["wall_time"] >= 0
         assert entry["extxyz_column"] == "dx_d_" + name.replace(".", "_")
