@@ -60,14 +60,41 @@ def _guarded(action):
 @app.command()
 def relax(
     system: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--system",
             "-s",
             help="Shipped recipe name (see `mdsens systems`) or path to a recipe .toml, "
-            "e.g. a previous run's RUN/system.toml to reproduce it.",
+            "e.g. a previous run's RUN/system.toml to reproduce it. Default: binary-packing, "
+            "or none with --structure.",
+            show_default=False,
         ),
-    ] = "binary-packing",
+    ] = None,
+    structure: Annotated[
+        Path | None,
+        typer.Option(
+            "--structure",
+            help="Structure file in any format ase.io.read reads (extxyz, xyz, CIF, POSCAR, "
+            "LAMMPS data, ...): positions, cell, periodicity and species come from it. Give the "
+            "potential with --potential and its parameters with --set, e.g. "
+            "--set potential.sigma=3.4 --set species.Ar.epsilon=0.0104.",
+            show_default=False,
+        ),
+    ] = None,
+    index: Annotated[
+        int | None,
+        typer.Option(
+            "--index", help="Frame of a multi-frame structure file (default: the last).", show_default=False
+        ),
+    ] = None,
+    potential: Annotated[
+        str | None,
+        typer.Option(
+            "--potential",
+            help="Potential: soft_sphere, lennard_jones or morse (see docs/potentials.md).",
+            show_default=False,
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -116,7 +143,9 @@ def relax(
         from mdsens.run import default_run_dir, mark_latest, save_relaxation
         from mdsens.system import load_system
 
-        loaded = load_system(system, overrides=set_ or (), seed=seed)
+        loaded = load_system(
+            system, overrides=set_ or (), seed=seed, structure=structure, index=index, potential=potential
+        )
         target = default_run_dir(loaded) if out_dir is None else out_dir
         if target.exists() and not target.is_dir():
             raise UserError(f"--out {target} exists and is not a directory")
@@ -143,7 +172,7 @@ def relax(
             f"{result.steps} steps in {result.wall_time:.2f} s: E = {result.energy:.12g}, "
             f"max|F| = {result.max_force:.3e}"
         )
-        if not result.converged and not allow_unconverged:
+        if result.energy_increased or (not result.converged and not allow_unconverged):
             result.require_converged()
         run = save_relaxation(target, loaded, result)
         mark_latest(run)
@@ -237,6 +266,36 @@ def plot(
 
         for path in plot_run(latest_run() if run is None else run, params=param):
             out.print(str(path), markup=False)
+
+    _guarded(action)
+
+
+@app.command()
+def export(
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format", "-f", help="Any format ase.io.write writes: vasp, cif, lammps-data, xyz, ..."
+        ),
+    ],
+    run: RunOption = None,
+    out_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="File to write (default: RUN/relaxed.<format>).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Write the relaxed structure of a run in another file format (through ASE).
+
+    Atom order, symbols, tags and cell are those of the input; positions are the full-precision
+    relaxed ones.
+    """
+
+    def action():
+        from mdsens.run import export_structure
+
+        out.print(str(export_structure(run, format_, out_file)), markup=False)
 
     _guarded(action)
 

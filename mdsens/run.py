@@ -20,11 +20,13 @@ import json
 import os
 import platform
 import tomllib
+import warnings
 from importlib import metadata
 from pathlib import Path
 
 import ase
 import ase.io
+import ase.io.formats
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -237,3 +239,26 @@ def save_sensitivity(run_dir: str | Path, system: System, result: SensitivityRes
     for stale in run.glob("*.png"):
         stale.unlink()
     return paths
+
+
+def export_structure(run_dir: str | Path | None, format: str, path: str | Path | None = None) -> Path:
+    """Write a run's relaxed structure with ``ase.io.write`` in ``format``; return the path.
+
+    Raises:
+        UserError: unknown format, a format that cannot hold this structure, or a missing run.
+    """
+    system, result, run = load_run(run_dir)
+    path = run / f"relaxed.{format}" if path is None else Path(path)
+    atoms = _atoms(system, result.positions)
+    try:
+        ase.io.formats.ioformats[format]
+    except KeyError:
+        raise UserError(f"unknown format {format!r}; see `ase info --formats`") from None
+    try:
+        with warnings.catch_warnings():
+            # ASE warns before failing on a cell a format cannot hold; the error says it once.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            atomic.write_with(path, lambda tmp: ase.io.write(tmp, atoms, format=format))
+    except (ValueError, TypeError, NotImplementedError, KeyError, RuntimeError) as error:
+        raise UserError(f"cannot write {format}: {error}") from None
+    return path
