@@ -238,6 +238,15 @@ def sensitivity(
                 f"max|dx*/dθ| = {abs(entry.dx).max():.4e}  {entry.solver}: {entry.iterations} it, "
                 f"residual {entry.residual:.1e}"
             )
+        if result.spectrum is not None:
+            spectrum = result.spectrum
+            lowest = ", ".join(f"{v:.3g}" for v in spectrum.lowest[:3])
+            out.print(
+                f"  Hessian ({spectrum.method}): lowest eigenvalues {lowest}; condition number"
+                f" {spectrum.condition_number:.3g}; removed: {', '.join(result.removed_modes)}"
+            )
+        for warning in result.warnings:
+            err.print(f"[bold yellow]Warning:[/] {escape(warning)}")
         save_sensitivity(run_dir, system, result)
         out.print(str(run_dir), markup=False)
 

@@ -10,10 +10,11 @@ JAXopt (Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIP
 * a *linear solve* ``linear_solve(matvec, b, basis) -> (x, SolveInfo)`` for the symmetric system
   ∂F/∂x · v = b (the Hessian when F = ∇ₓE),
 
-and an optional *null-space basis* ``nullspace(x, params) -> Q`` of shape ``(x.size, k)``, with
-orthonormal (or zero) columns, spanning the directions in which the solution is not defined
-(rigid translations of a periodic system, later rotations and rattlers). Zero columns are
-allowed, so that a basis whose rank depends on the data keeps a fixed shape under ``jit``.
+and an optional *null space* ``nullspace(x, params)``: the directions in which the solution is
+not defined (rigid translations of a periodic system, rotations of a free cluster, the degrees of
+freedom of rattlers). It is either an array Q of shape ``(x.size, k)`` with orthonormal (or
+zero) columns, or a :class:`NullSpace` that also removes whole coordinates through a mask. Zero
+columns and a mask keep a fixed shape under ``jit`` when the rank depends on the data.
 
 By the implicit function theorem, ``∂F/∂x · dx* = -∂F/∂θ · dθ``. The derivative returned is the
 minimum-norm one: the right-hand side, the solution and the reverse-mode cotangent are all
@@ -69,22 +70,43 @@ def _raise_if_failed(info: SolveInfo, finite) -> None:
         )
 
 
-LinearSolve = Callable[[Matvec, Array, Array | None], tuple[Array, SolveInfo]]
+LinearSolve = Callable[[Matvec, Array, Any], tuple[Array, SolveInfo]]
 
 
-def project_out(basis: Array | None, v: Array) -> Array:
-    """Remove from the flat vector ``v`` its components along the columns of ``basis``."""
-    if basis is None:
+class NullSpace(NamedTuple):
+    """Directions removed from the solve: coordinates (``mask``) and a basis of other vectors.
+
+    Attributes:
+        basis: (n, k), orthonormal or zero columns, each zero on the masked coordinates.
+        mask: (n,), 1 for a removed coordinate (a rattler's degree of freedom), else 0.
+    """
+
+    basis: Array
+    mask: Array
+
+
+def project_out(nullspace: Array | NullSpace | None, v: Array) -> Array:
+    """Remove from the flat vector ``v`` its null-space components (P v, P = I − projector)."""
+    if nullspace is None:
         return v
-    return v - basis @ (basis.T @ v)
+    if isinstance(nullspace, NullSpace):
+        v = v * (1 - nullspace.mask)
+        nullspace = nullspace.basis
+    return v - nullspace @ (nullspace.T @ v)
 
 
-def _deflate(matvec: Matvec, basis: Array | None) -> Matvec:
-    # A = H + Q Qᵀ is non-singular when Q spans the null space of the symmetric H, and
-    # A v = P b has the minimum-norm solution of H v = P b (its Q-component is zero).
-    if basis is None:
+def _deflate(matvec: Matvec, nullspace: Array | NullSpace | None) -> Matvec:
+    # A = P H P + (I − P) is non-singular when the null space holds every zero mode of the
+    # symmetric H, and A v = P b has the minimum-norm solution of P H P v = P b (its null-space
+    # component is zero). Where the removed directions are true zero modes, P H P = H.
+    if nullspace is None:
         return matvec
-    return lambda v: matvec(v) + basis @ (basis.T @ v)
+
+    def op(v):
+        pv = project_out(nullspace, v)
+        return project_out(nullspace, matvec(pv)) + (v - pv)
+
+    return op
 
 
 def _check(matvec: Matvec, v: Array, b: Array, rtol: float, atol: float, iterations) -> SolveInfo:
@@ -111,7 +133,7 @@ def cg(tol: float = 1e-12, maxiter: int | None = None, atol: float = 0.0) -> Lin
             (say, residual forces of an almost-relaxed state) then gives 0, not amplified noise.
     """
 
-    def solve(matvec: Matvec, b: Array, basis: Array | None) -> tuple[Array, SolveInfo]:
+    def solve(matvec: Matvec, b: Array, basis) -> tuple[Array, SolveInfo]:
         op = _deflate(matvec, basis)
         b = project_out(basis, b)
         cap = 10 * b.size if maxiter is None else maxiter
@@ -149,10 +171,11 @@ def dense(rcond: float = 1e-12, atol: float = 0.0) -> LinearSolve:
     what that dropped. ``atol`` as for :func:`cg`.
     """
 
-    def solve(matvec: Matvec, b: Array, basis: Array | None) -> tuple[Array, SolveInfo]:
+    def solve(matvec: Matvec, b: Array, basis) -> tuple[Array, SolveInfo]:
         op = _deflate(matvec, basis)
         b = project_out(basis, b)
-        matrix = jax.vmap(op)(jnp.eye(b.size, dtype=b.dtype)).T
+        # Columns in batches: a vmap over all n would hold n matrix-vector products at once.
+        matrix = jax.lax.map(op, jnp.eye(b.size, dtype=b.dtype), batch_size=32).T
         matrix = 0.5 * (matrix + matrix.T)
         eigenvalues, vectors = jnp.linalg.eigh(matrix)
         keep = jnp.abs(eigenvalues) > rcond * jnp.max(jnp.abs(eigenvalues))
@@ -163,13 +186,13 @@ def dense(rcond: float = 1e-12, atol: float = 0.0) -> LinearSolve:
     return solve
 
 
-def _hessian_matvec(optimality_fn, x: Array, params: Params) -> Matvec:
+def hessian_matvec(optimality_fn, x: Array, params: Params) -> Matvec:
     """v ↦ ∂F/∂x · v on flat vectors, linearised once at (x, params)."""
     _, jvp_fn = jax.linearize(lambda y: optimality_fn(y.reshape(x.shape), params).ravel(), x.ravel())
     return jvp_fn
 
 
-def _basis(nullspace, x: Array, params: Params) -> Array | None:
+def _basis(nullspace, x: Array, params: Params) -> Array | NullSpace | None:
     return None if nullspace is None else jax.lax.stop_gradient(nullspace(x, params))
 
 
@@ -188,7 +211,7 @@ def root_jvp(
     """
     _, b = jax.jvp(lambda p: optimality_fn(x, p), (params,), (params_dot,))
     basis = _basis(nullspace, x, params)
-    v, info = linear_solve(_hessian_matvec(optimality_fn, x, params), -b.ravel(), basis)
+    v, info = linear_solve(hessian_matvec(optimality_fn, x, params), -b.ravel(), basis)
     return v.reshape(x.shape), info
 
 
@@ -208,7 +231,7 @@ def root_vjp(
     """
     basis = _basis(nullspace, x, params)
     # ∂F/∂x is symmetric for F = ∇ₓE, so the adjoint system uses the same operator.
-    w, info = linear_solve(_hessian_matvec(optimality_fn, x, params), -x_bar.ravel(), basis)
+    w, info = linear_solve(hessian_matvec(optimality_fn, x, params), -x_bar.ravel(), basis)
     _, vjp_fn = jax.vjp(lambda p: optimality_fn(x, p), params)
     (params_bar,) = vjp_fn(w.reshape(x.shape).astype(x.dtype))
     return params_bar, info
@@ -256,7 +279,7 @@ def implicit_root(
         x = solution(params, x0)
         _, b = jax.jvp(lambda p: optimality_fn(x, p), (params,), (params_dot,))
         basis = _basis(nullspace, x, params)
-        matvec = _hessian_matvec(optimality_fn, x, params)
+        matvec = hessian_matvec(optimality_fn, x, params)
 
         def solve(mv, rhs):
             v, info = linear_solve(mv, rhs, basis)

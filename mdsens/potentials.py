@@ -65,6 +65,9 @@ class Potential:
     pair_fn: Callable
     doc: str
     settings: dict[str, float] = field(default_factory=dict)
+    contact: str | None = None
+    """Parameter whose pair value is the contact distance of a finite-range repulsion (two
+    particles touch when closer); ``None`` where contacts are not defined. Used to find rattlers."""
 
 
 def _switch(r, sigma, onset: float, cutoff: float):
@@ -111,6 +114,7 @@ POTENTIALS: dict[str, Potential] = {
         },
         pair_fn=_soft_sphere,
         doc="U(r) = ε/α (1 − r/σ_ij)^α for r < σ_ij, 0 beyond (finite range, repulsive)",
+        contact="diameter",
     ),
     "lennard_jones": Potential(
         name="lennard_jones",

@@ -15,6 +15,7 @@ figures of the previous one, so a directory never mixes two states.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -205,12 +206,22 @@ def save_sensitivity(run_dir: str | Path, system: System, result: SensitivityRes
     for name, entry in entries.items():
         atoms.new_array(_property_name(name), _vectors3(entry.dx))
         atoms.info[f"denergy_d_{name}"] = entry.denergy
+    atoms.new_array("rattler", result.rattlers.astype(bool))
+    spectrum = None
+    if result.spectrum is not None:
+        spectrum = {
+            **dataclasses.asdict(result.spectrum),
+            "condition_number": result.spectrum.condition_number,
+        }
     summary = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "system": system.name,
         "state_relaxed": result.state_relaxed,
         "max_force": result.max_force,
         "removed_modes": result.removed_modes,
+        "rattlers": np.flatnonzero(result.rattlers).tolist(),
+        "hessian_spectrum": spectrum,
+        "warnings": result.warnings,
         "wall_time": result.wall_time,
         "parameters": {
             name: {

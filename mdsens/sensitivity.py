@@ -22,6 +22,7 @@ from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
 from mdsens.potentials import PAIR
 from mdsens.relaxation import Relaxer, RelaxResult
+from mdsens.spectrum import Spectrum, lowest_eigenvalues
 from mdsens.system import System
 
 # A derivative larger than this many box lengths per unit parameter is not physics but a failed
@@ -176,6 +177,35 @@ def relaxed_positions_fn(system: System, relaxer: Relaxer | None = None, solver:
     return x_star
 
 
+def _warnings(rattlers: np.ndarray, spectrum: Spectrum | None, force: float, fmax: float) -> list[str]:
+    """What a user should know about a sensitivity, each with what to do about it."""
+    out = []
+    if force > fmax:
+        out.append(f"the state is not relaxed (max|F| {force:.2g} > fmax {fmax:.2g}): relax again")
+    if rattlers.any():
+        out.append(
+            f"{int(rattlers.sum())} rattler(s) (fewer than d + 1 contacts): their positions are not"
+            " determined, their dx*/dθ is masked to 0 and their degrees of freedom are removed"
+        )
+    if spectrum is not None:
+        if spectrum.negative:
+            out.append(
+                f"the Hessian has a negative eigenvalue ({spectrum.lowest[0]:.3g}): the state is a saddle"
+                " point, not a minimum; relax from a perturbed start (--set rattle=1e-3)"
+            )
+        if spectrum.extra_zero_modes:
+            out.append(
+                f"{spectrum.extra_zero_modes} zero mode(s) beyond the removed ones: the derivative along"
+                " them is undefined; check with --solver dense"
+            )
+        elif spectrum.condition_number > 1e10:
+            out.append(
+                f"the Hessian is ill-conditioned (condition number {spectrum.condition_number:.2g}):"
+                " relax to a smaller fmax and compare with --solver dense"
+            )
+    return out
+
+
 @dataclass(frozen=True)
 class ParameterSensitivity:
     """dx*/dθ and dE*/dθ for one scalar parameter, with the solve's diagnostics.
@@ -208,7 +238,10 @@ class SensitivityResult:
     """Sensitivities of one relaxed state to several parameters.
 
     ``max_force`` is recomputed at the state; ``state_relaxed`` says whether it is within the
-    recipe's ``fmax`` (False only when computed with ``allow_unconverged``).
+    recipe's ``fmax`` (False only when computed with ``allow_unconverged``). ``rattlers`` marks
+    particles whose position is not determined: their degrees of freedom are removed from the
+    solve and their dx*/dθ is 0 (masked, not computed). ``spectrum`` holds the lowest Hessian
+    eigenvalues off the null space, and ``warnings`` says what looks wrong and what to do.
     """
 
     parameters: dict[str, ParameterSensitivity]
@@ -216,6 +249,9 @@ class SensitivityResult:
     state_relaxed: bool
     removed_modes: list[str]
     wall_time: float
+    rattlers: np.ndarray
+    spectrum: Spectrum | None
+    warnings: list[str]
 
 
 class Sensitivity:
@@ -238,6 +274,8 @@ class Sensitivity:
         )
         self._denergy = jax.jit(jax.grad(system.energy_fn, argnums=1))
         self._forces = jax.jit(system.force_fn)
+        self._nullspace = jax.jit(system.nullspace)
+        self._hessian = optimality_fn(system)
 
     def compute(
         self,
@@ -246,10 +284,13 @@ class Sensitivity:
         params: dict | None = None,
         allow_unconverged: bool = False,
         progress=None,
+        spectrum: bool = True,
     ) -> SensitivityResult:
         """dx*/dθ and dE*/dθ for every name (``diameter`` expands to every species).
 
-        The force at ``relaxed`` is recomputed here rather than trusted from a file.
+        The force at ``relaxed`` is recomputed here rather than trusted from a file. With
+        ``spectrum``, the lowest Hessian eigenvalues are computed too (dense up to
+        :data:`mdsens.spectrum.DENSE_LIMIT` degrees of freedom, Lanczos beyond).
 
         Raises:
             UserError: unknown parameter name.
@@ -306,12 +347,22 @@ class Sensitivity:
             out[name] = entry
             if progress is not None:
                 progress(name)
+        nullspace = self._nullspace(x, params)
+        rattlers = np.asarray(system.rattlers(x, params))
+        lowest = None
+        if spectrum:
+            matvec = implicit.hessian_matvec(self._hessian, x, params)
+            lowest = lowest_eigenvalues(matvec, x.size, nullspace)
         return SensitivityResult(
             parameters=out,
             max_force=force,
             state_relaxed=force <= fmax,
-            removed_modes=system.zero_modes,
+            removed_modes=system.zero_modes
+            + ([f"rattlers ({int(rattlers.sum())})"] if rattlers.any() else []),
             wall_time=time.perf_counter() - start,
+            rattlers=rattlers,
+            spectrum=lowest,
+            warnings=_warnings(rattlers, lowest, force, fmax),
         )
 
 

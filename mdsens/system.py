@@ -26,6 +26,7 @@ import numpy as np
 from jax_md import space
 
 from mdsens.errors import READ_ERRORS, UserError
+from mdsens.implicit import NullSpace
 from mdsens.potentials import PAIR, POTENTIALS, EnergyFn, Potential, build_energy, metric_from, pair_tables
 from mdsens.recipe import Recipe, apply_overrides, load_recipe, resolve
 
@@ -104,24 +105,57 @@ class System:
             modes += ["rotation.z"] if self.dimension == 2 else [f"rotation.{a}" for a in axes]
         return modes
 
-    def nullspace(self, x, params) -> jax.Array:
-        """Orthonormal basis (N·d, k) of the Hessian's rigid-motion zero modes at ``x``.
+    def contacts(self, x, params) -> jax.Array:
+        """(N, N) boolean contact matrix (pairs closer than their contact distance); all False
+        for potentials without contacts (see :attr:`Potential.contact`)."""
+        n = x.shape[0]
+        if self.potential.contact is None:
+            return jnp.zeros((n, n), dtype=bool)
+        reach = self.pair_values(params)[self.potential.contact][self.types][:, self.types]
+        metric = metric_from(self.displacement)
+        distances = jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x)
+        return (distances < reach) & ~jnp.eye(n, dtype=bool)
 
-        Translations in every space; rotations about the centroid too in free space.
+    def rattlers(self, x, params) -> jax.Array:
+        """(N,) mask of rattlers: particles left with fewer than d + 1 contacts after removing,
+        repeatedly, every particle that has fewer (their positions are not determined)."""
+        contacts = self.contacts(x, params).astype(x.dtype)
+        need = self.dimension + 1
+
+        def step(carry):
+            active, _ = carry
+            kept = active & (contacts @ active.astype(x.dtype) >= need)
+            return kept, jnp.any(kept != active)
+
+        if self.potential.contact is None:
+            return jnp.zeros(x.shape[0], dtype=bool)
+        active, _ = jax.lax.while_loop(lambda c: c[1], step, (jnp.ones(x.shape[0], dtype=bool), True))
+        return ~active
+
+    def nullspace(self, x, params) -> NullSpace:
+        """The Hessian's zero modes at ``x``, removed from every derivative.
+
+        Rigid translations (and rotations about the centroid in free space) of the particles that
+        are not rattlers, and every degree of freedom of the rattlers. Fixed shapes under ``jit``.
         """
-        del params
         n, d = x.shape
-        vectors = [jnp.zeros((n, d)).at[:, a].set(1.0) for a in range(d)]
+        rattler = self.rattlers(x, params)
+        keep = (~rattler).astype(x.dtype)[:, None]
+        vectors = [jnp.zeros((n, d)).at[:, a].set(1.0) * keep for a in range(d)]
         if self.space_kind == "free":
-            r = x - jnp.mean(x, axis=0)
+            centre = jnp.sum(x * keep, axis=0) / jnp.maximum(jnp.sum(keep), 1.0)
+            r = (x - centre) * keep
             if d == 2:
                 vectors.append(jnp.stack([-r[:, 1], r[:, 0]], axis=1))
             else:
                 for axis in jnp.eye(3):
                     vectors.append(jnp.cross(axis, r))
         basis = jnp.stack([v.ravel() for v in vectors], axis=1)
-        q, _ = jnp.linalg.qr(basis)
-        return q
+        q, r_factor = jnp.linalg.qr(basis)
+        # A rigid motion with no particle left to move (all rattlers) contributes a zero column.
+        q = q * (jnp.abs(jnp.diag(r_factor)) > 1e-10)
+        mask = jnp.repeat(rattler, d).astype(x.dtype)
+        return NullSpace(q, mask)
 
     def with_positions(self, positions) -> System:
         """The same system started from other positions (used to re-relax warm-started)."""

@@ -126,15 +126,27 @@ def test_console_script_is_installed(tmp_path):
 
 def test_top_level_help_lists_the_commands():
     text = assert_ok(cli("--help"))
-    for command in ("relax", "sensitivity", "plot", "systems"):
+    for command in ("relax", "sensitivity", "plot", "export", "systems"):
         assert any(line.lstrip("│ ").startswith(command) for line in text), command
 
 
 EXPECTED_OPTIONS = {
-    "relax": ["--system", "-s", "--set", "--seed", "--out", "-o", "--allow-unconverged"],
+    "relax": [
+        "--system",
+        "-s",
+        "--structure",
+        "--index",
+        "--potential",
+        "--set",
+        "--seed",
+        "--out",
+        "-o",
+        "--allow-unconverged",
+    ],
     "sensitivity": ["--param", "-p", "--run", "--solver", "--allow-unconverged"],
     "plot": ["--run", "--param", "-p"],
     "systems": [],
+    "export": ["--format", "-f", "--run", "--out", "-o"],
 }
 
 
