@@ -136,7 +136,8 @@ class Relaxer:
 
         self._init = jax.jit(lambda x, params: init_fn(x, **params))
         self._run = jax.jit(run)
-        self._positions_of = positions_of
+        self._minimizer = init_fn, step_fn
+        self.positions_of = positions_of
         self._forces_of = forces_of
         self._energy = jax.jit(system.energy_fn)
 
@@ -146,6 +147,12 @@ class Relaxer:
 
         self.solve: Callable = solve
         """Pure-JAX ``solve(params, x0) -> x*`` for :func:`mdsens.implicit.implicit_root`."""
+
+    def unrolled(self):
+        """``(init(x, params), step(state, params))`` of one minimiser step, for differentiating
+        through the unrolled minimiser (what implicit differentiation avoids)."""
+        init_fn, step_fn = self._minimizer
+        return (lambda x, params: init_fn(x, **params)), (lambda state, params: step_fn(state, **params))
 
     def relax(
         self,
@@ -174,7 +181,7 @@ class Relaxer:
                 progress(steps, force)
             if force <= self.fmax or steps >= self.max_steps or not np.isfinite(force):
                 break
-        positions = self._positions_of(state)
+        positions = self.positions_of(state)
         energy = float(self._energy(positions, params))
         return RelaxResult(
             positions=np.asarray(positions),
