@@ -188,8 +188,9 @@ def sensitivity(
         typer.Option(
             "--param",
             "-p",
-            help="Parameter to differentiate by; repeatable. `diameter` (every species), "
-            "`diameter.B` (one species), `epsilon`, `alpha`. Default: every parameter.",
+            help="Parameter to differentiate by; repeatable. A name (`diameter`, `sigma`, `epsilon`: "
+            "every species and set pair), a species (`diameter.B`), or a pair (`sigma.Ar-Kr`); "
+            "see docs/potentials.md. Default: every parameter.",
             show_default=False,
         ),
     ] = None,
