@@ -210,6 +210,14 @@ def sensitivity(
             help="Compute even if the stored state is not relaxed to fmax (the result is marked).",
         ),
     ] = False,
+    spectrum: Annotated[
+        bool,
+        typer.Option(
+            "--spectrum/--no-spectrum",
+            help="Report the lowest Hessian eigenvalues (dense up to 1024 degrees of freedom, "
+            "Lanczos beyond: seconds to a minute for 10^3-10^4 particles).",
+        ),
+    ] = True,
 ) -> None:
     """Compute dx*/dθ (implicit differentiation) and dE*/dθ (envelope theorem) of a relaxed run.
 
@@ -232,7 +240,9 @@ def sensitivity(
             )
         out.print(f"Sensitivity of {escape(str(run_dir))} to {', '.join(names)}")
         with err.status("compiling and solving"):
-            result = Sensitivity(system, solver).compute(relaxed, names, allow_unconverged=allow_unconverged)
+            result = Sensitivity(system, solver).compute(
+                relaxed, names, allow_unconverged=allow_unconverged, spectrum=spectrum
+            )
         for name, entry in result.parameters.items():
             out.print(
                 f"  {name:<14} = {entry.value:<8g} dE*/dθ = {entry.denergy:+.10e}  "
@@ -240,11 +250,11 @@ def sensitivity(
                 f"residual {entry.residual:.1e}"
             )
         if result.spectrum is not None:
-            spectrum = result.spectrum
-            lowest = ", ".join(f"{v:.3g}" for v in spectrum.lowest[:3])
+            hessian = result.spectrum
+            lowest = ", ".join(f"{v:.3g}" for v in hessian.lowest[:3])
             out.print(
-                f"  Hessian ({spectrum.method}): lowest eigenvalues {lowest}; condition number"
-                f" {spectrum.condition_number:.3g}; removed: {', '.join(result.removed_modes)}"
+                f"  Hessian ({hessian.method}): lowest eigenvalues {lowest}; condition number"
+                f" {hessian.condition_number:.3g}; removed: {', '.join(result.removed_modes)}"
             )
         for warning in result.warnings:
             err.print(f"[bold yellow]Warning:[/] {escape(warning)}")

@@ -163,19 +163,18 @@ def pair_tables(potential: Potential, params: dict, overridden: dict[str, np.nda
 def build_energy(potential: Potential, metric, types: np.ndarray, overridden, settings: dict):
     """``energy_fn(x, params)``: the sum of φ over all pairs (dense N × N; no neighbour list)."""
     n_species = int(types.max()) + 1
-    types = jnp.asarray(types)
     pair_fn = potential.pair_fn
 
     def pair_energy(r, **values):
         return pair_fn(r, **values, **settings)
 
-    # Dynamic (call-time) N × N parameters: smap.pair must be built without
-    # ignore_unused_parameters, which would drop them and silently use the defaults.
-    pair = smap.pair(pair_energy, metric)
+    # Species blocks with one scalar per parameter each (JAX-MD's static-species path): no
+    # N × N parameter arrays. The (S, S) tables are passed at call time, so smap.pair must be
+    # built without ignore_unused_parameters, which would drop them and silently use defaults.
+    pair = smap.pair(pair_energy, metric, species=np.asarray(types))
 
     def energy_fn(x, params):
-        tables = pair_tables(potential, params, overridden, n_species)
-        return pair(x, **{name: table[types][:, types] for name, table in tables.items()})
+        return pair(x, **pair_tables(potential, params, overridden, n_species))
 
     return energy_fn
 

@@ -62,7 +62,7 @@ def _removed_dimension(nullspace: NullSpace | jax.Array | None) -> int:
 
 
 def lowest_eigenvalues(
-    matvec: Matvec, n: int, nullspace=None, k: int = 6, zero_tol: float = 1e-8
+    matvec: Matvec, n: int, nullspace=None, k: int = 4, zero_tol: float = 1e-8
 ) -> Spectrum:
     """The ``k`` lowest eigenvalues of the symmetric ``matvec`` (size ``n``) off its null space."""
     removed = _removed_dimension(nullspace)
@@ -83,7 +83,9 @@ def lowest_eigenvalues(
         operator = scipy.sparse.linalg.LinearOperator(
             (n, n), matvec=lambda v: np.asarray(projected(jnp.asarray(v.ravel()))), dtype=np.float64
         )
-        largest = float(scipy.sparse.linalg.eigsh(operator, k=1, which="LA", return_eigenvectors=False)[0])
+        largest = float(
+            scipy.sparse.linalg.eigsh(operator, k=1, which="LA", tol=1e-4, return_eigenvectors=False)[0]
+        )
         shift = 2.0 * largest
 
         def shifted(v):
@@ -91,7 +93,10 @@ def lowest_eigenvalues(
             return np.asarray(projected(v) + shift * (v - project_out(nullspace, v)))
 
         operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=shifted, dtype=np.float64)
-        lowest = np.sort(scipy.sparse.linalg.eigsh(operator, k=k, which="SA", return_eigenvectors=False))
+        # Diagnostics need a few digits, not machine precision: tol=1e-6 halves the iterations.
+        lowest = np.sort(
+            scipy.sparse.linalg.eigsh(operator, k=k, which="SA", tol=1e-6, return_eigenvectors=False)
+        )
         method = "lanczos"
     scale = zero_tol * abs(largest)
     return Spectrum(

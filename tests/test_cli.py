@@ -143,7 +143,7 @@ EXPECTED_OPTIONS = {
         "-o",
         "--allow-unconverged",
     ],
-    "sensitivity": ["--param", "-p", "--run", "--solver", "--allow-unconverged"],
+    "sensitivity": ["--param", "-p", "--run", "--solver", "--allow-unconverged", "--spectrum", "--no-spectrum"],
     "plot": ["--run", "--param", "-p"],
     "systems": [],
     "export": ["--format", "-f", "--run", "--out", "-o"],
