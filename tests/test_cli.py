@@ -143,8 +143,16 @@ EXPECTED_OPTIONS = {
         "-o",
         "--allow-unconverged",
     ],
-    "sensitivity": ["--param", "-p", "--run", "--solver", "--allow-unconverged", "--spectrum", "--no-spectrum"],
-    "plot": ["--run", "--param", "-p"],
+    "sensitivity": [
+        "--param",
+        "-p",
+        "--run",
+        "--solver",
+        "--allow-unconverged",
+        "--spectrum",
+        "--no-spectrum",
+    ],
+    "plot": ["--run", "--param", "-p", "--center", "--slice"],
     "systems": [],
     "export": ["--format", "-f", "--run", "--out", "-o"],
 }
@@ -194,6 +202,7 @@ def test_default_system_relax_sensitivity_plot(tmp_path):
         "sensitivity-diameter.A.png",
         "sensitivity-diameter.B.png",
         "sensitivity-histogram.png",
+        "sensitivity-distance.png",
     }
     for figure in figures:
         assert figure.parent.resolve() == RUN.resolve()
@@ -226,7 +235,11 @@ def test_sensitivity_and_plot_use_the_latest_run_unless_told(earlier_run, tmp_pa
     assert (second / "sensitivity-diameter.B.png").read_bytes().startswith(PNG_MAGIC)
 
     lines = assert_ok(cli("plot", "--run", first, "--param", "alpha"))
-    assert [Path(line).name for line in lines] == ["sensitivity-alpha.png", "sensitivity-histogram.png"]
+    assert [Path(line).name for line in lines] == [
+        "sensitivity-alpha.png",
+        "sensitivity-histogram.png",
+        "sensitivity-distance.png",
+    ]
     assert {Path(line).parent.resolve() for line in lines} == {first.resolve()}
 
 
