@@ -424,7 +424,7 @@ def export(
     out_file: Annotated[
         Path | None,
         typer.Option(
-            "--out", "-o", help="File to write (default: RUN/relaxed.<format>).", show_default=False
+            "--out", "-o", help="File to write (default: RUN/export.<format>).", show_default=False
         ),
     ] = None,
 ) -> None:

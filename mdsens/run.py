@@ -255,16 +255,21 @@ def save_sensitivity(run_dir: str | Path, system: System, result: SensitivityRes
 def export_structure(run_dir: str | Path | None, format: str, path: str | Path | None = None) -> Path:
     """Write a run's relaxed structure with ``ase.io.write`` in ``format``; return the path.
 
+    What is written is the input structure (atom order, symbols, tags, cell, per-atom arrays of
+    the input file) at the relaxed positions; mdsens's own arrays stay in the run's extxyz files.
+    The default path is ``RUN/export.<format>``.
+
     Raises:
         UserError: unknown format, a format that cannot hold this structure, or a missing run.
     """
-    system, result, run = load_run(run_dir)
-    path = run / f"relaxed.{format}" if path is None else Path(path)
-    atoms = _atoms(system, result.positions)
     try:
         ase.io.formats.ioformats[format]
     except KeyError:
         raise UserError(f"unknown format {format!r}; see `ase info --formats`") from None
+    system, result, run = load_run(run_dir)
+    path = run / f"export.{format}" if path is None else Path(path)
+    atoms = system.atoms.copy()
+    atoms.positions = _vectors3(result.positions)
     try:
         with warnings.catch_warnings():
             # ASE warns before failing on a cell a format cannot hold; the error says it once.

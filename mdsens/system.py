@@ -20,6 +20,7 @@ from typing import Any
 import ase
 import ase.build
 import ase.io
+import ase.io.formats
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,7 +192,14 @@ def read_structure(path: str | Path, index: int = -1) -> ase.Atoms:
         raise UserError(f"structure file not found: {path}")
     try:
         atoms = ase.io.read(path, index=index)
-    except (*READ_ERRORS, StopIteration, AttributeError, TypeError, UnicodeDecodeError) as error:
+    except (
+        *READ_ERRORS,
+        ase.io.formats.UnknownFileTypeError,
+        StopIteration,
+        AttributeError,
+        TypeError,
+        UnicodeDecodeError,
+    ) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot read structure {path}: {detail}") from None
     if not isinstance(atoms, ase.Atoms):
@@ -390,20 +398,26 @@ def build_system(recipe: Recipe) -> System:
 
 
 def _check_finite_energy(system: System) -> None:
-    """Atoms on top of each other give a non-finite energy: say which pair, before relaxing."""
+    """Atoms on top of each other (or so close that the energy is not finite) are a user error
+    that names the pair, raised before relaxing. Coincident atoms are caught by distance too:
+    a pair function cannot tell them from a particle paired with itself."""
     x = jnp.asarray(system.positions)
-    energy = float(system.energy_fn(x, system.params))
-    forces = np.asarray(system.force_fn(x, system.params))
-    if np.isfinite(energy) and np.all(np.isfinite(forces)):
+    energy, forces, distance, i, j = jax.jit(_closest_pair_and_energy, static_argnums=0)(system, x)
+    if np.isfinite(float(energy)) and np.all(np.isfinite(np.asarray(forces))) and float(distance) > 1e-8:
         return
-    metric = metric_from(system.displacement)
-    distances = np.asarray(jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x))
-    np.fill_diagonal(distances, np.inf)
-    i, j = np.unravel_index(np.argmin(distances), distances.shape)
     raise UserError(
-        f"the energy at the initial positions is not finite: atoms {min(i, j)} and {max(i, j)} are "
-        f"{distances[i, j]:.3g} apart"
+        f"the energy at the initial positions is not finite: atoms {int(min(i, j))} and {int(max(i, j))} "
+        f"are {float(distance):.3g} apart"
     )
+
+
+def _closest_pair_and_energy(system: System, x):
+    metric = metric_from(system.displacement)
+    distances = jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x)
+    distances = jnp.where(jnp.eye(x.shape[0], dtype=bool), jnp.inf, distances)
+    flat = jnp.argmin(distances)
+    i, j = jnp.unravel_index(flat, distances.shape)
+    return system.energy_fn(x, system.params), system.force_fn(x, system.params), distances[i, j], i, j
 
 
 def load_system(
