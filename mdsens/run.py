@@ -28,6 +28,7 @@ from pathlib import Path
 import ase
 import ase.io
 import ase.io.formats
+import jax
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -110,7 +111,7 @@ def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxRes
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} exists and is not a directory")
     run.mkdir(parents=True, exist_ok=True)
-    forces = np.asarray(system.force_fn(result.positions, system.params))
+    forces = np.asarray(jax.jit(system.force_fn)(result.positions, system.params))
     record = {
         "energy": result.energy,
         "max_force": result.max_force,

@@ -155,6 +155,8 @@ EXPECTED_OPTIONS = {
     "plot": ["--run", "--param", "-p", "--center", "--slice"],
     "systems": [],
     "export": ["--format", "-f", "--run", "--out", "-o"],
+    "paper": ["--out", "-o", "--quick"],
+    "check": ["--param", "-p", "--run", "--tol", "--h", "--unroll", "--no-unroll"],
 }
 
 
