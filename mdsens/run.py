@@ -41,7 +41,6 @@ from mdsens.system import System, build_system
 
 RESULTS = Path("results")
 LATEST = ".latest-run"
-RELAX_FILES = ("system.toml", "relaxed.npz", "relaxed.extxyz")
 DOWNSTREAM_GLOBS = ("sensitivity.*", "*.png")
 
 

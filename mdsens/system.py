@@ -31,8 +31,6 @@ from mdsens.implicit import NullSpace
 from mdsens.potentials import PAIR, POTENTIALS, EnergyFn, Potential, build_energy, metric_from, pair_tables
 from mdsens.recipe import Recipe, apply_overrides, load_recipe, resolve
 
-SPACES = ("periodic", "periodic_general", "free")
-
 
 @dataclass(frozen=True, eq=False)
 class System:
