@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax_md import energy, smap, space
@@ -68,6 +69,13 @@ class Potential:
     contact: str | None = None
     """Parameter whose pair value is the contact distance of a finite-range repulsion (two
     particles touch when closer); ``None`` where contacts are not defined. Used to find rattlers."""
+    length: str = "sigma"
+    """Parameter whose pair value sets the interaction range: the range is its largest pair value
+    times the ``r_cutoff`` setting (1 where the potential has none)."""
+
+    def reach(self, tables: dict, settings: dict):
+        """Interaction range: no pair interacts beyond it (``inf`` without a cutoff). Traceable."""
+        return jnp.max(tables[self.length]) * settings.get("r_cutoff", 1.0)
 
 
 def _switch(r, sigma, onset: float, cutoff: float):
@@ -115,6 +123,7 @@ POTENTIALS: dict[str, Potential] = {
         pair_fn=_soft_sphere,
         doc="U(r) = ε/α (1 − r/σ_ij)^α for r < σ_ij, 0 beyond (finite range, repulsive)",
         contact="diameter",
+        length="diameter",
     ),
     "lennard_jones": Potential(
         name="lennard_jones",
@@ -175,6 +184,33 @@ def build_energy(potential: Potential, metric, types: np.ndarray, overridden, se
 
     def energy_fn(x, params):
         return pair(x, **pair_tables(potential, params, overridden, n_species))
+
+    return energy_fn
+
+
+def build_pair_energy(potential: Potential, displacement, types: np.ndarray, overridden, settings: dict):
+    """``energy_fn(x, params, pairs)``: the sum of φ over the listed pairs.
+
+    ``pairs`` is a (2, M) integer array, each pair once, unused slots padded with N (JAX-MD's
+    ordered-sparse neighbour list). Pairs beyond their interaction range contribute 0, so the
+    list may hold more pairs than interact.
+    """
+    n_species = int(types.max()) + 1
+    types = jnp.asarray(types)
+    pair_fn = potential.pair_fn
+    displacement_pairs = jax.vmap(displacement)
+
+    def energy_fn(x, params, pairs):
+        i, j = pairs
+        valid = i < x.shape[0]
+        dr = displacement_pairs(x[i], x[j])
+        # Padded slots gather the last particle twice (r = 0); a safe r keeps their masked
+        # gradient finite.
+        r2 = jnp.where(valid, jnp.sum(dr**2, axis=-1), 1.0)
+        r = jnp.sqrt(r2)
+        ti, tj = types[i], types[j]
+        values = {k: t[ti, tj] for k, t in pair_tables(potential, params, overridden, n_species).items()}
+        return jnp.sum(jnp.where(valid, pair_fn(r, **values, **settings), 0.0))
 
     return energy_fn
 

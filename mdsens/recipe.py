@@ -2,7 +2,8 @@
 
 A recipe names the dimension, particle count, species (fraction and diameter each), the box
 (packing fraction or side), the potential and its parameters, the minimiser and its tolerances,
-the linear solver of the sensitivity stage, and the seed. :func:`load_recipe` finds a recipe by
+the linear solver of the sensitivity stage, how pairs are found (``[neighbors]``: all pairs or a
+neighbour list, see :mod:`mdsens.neighbors`), and the seed. :func:`load_recipe` finds a recipe by
 name (the files shipped in ``systems/``) or by path, :func:`apply_overrides` applies
 ``KEY=VALUE`` strings with dotted keys, and :func:`resolve` fills in every default and validates
 the result, so that the resolved recipe stored with a run reproduces it exactly.
@@ -18,6 +19,7 @@ from typing import Any
 
 import tomli_w
 
+from mdsens import neighbors
 from mdsens.errors import UserError
 from mdsens.potentials import POTENTIALS
 
@@ -212,7 +214,7 @@ def resolve(recipe: Recipe) -> Recipe:
     Raises:
         UserError: unknown key, missing field, wrong type or out-of-range value.
     """
-    sections = {"box", "lattice", "species", "pairs", "potential", "minimizer", "sensitivity"}
+    sections = {"box", "lattice", "species", "pairs", "potential", "minimizer", "sensitivity", "neighbors"}
     _check_keys(recipe, set(TOP_LEVEL) | set(OPTIONAL_TOP_LEVEL) | sections, "")
     out: Recipe = {**TOP_LEVEL, **{k: v for k, v in recipe.items() if k not in sections}}
     for key in ("name", "description"):
@@ -310,6 +312,16 @@ def resolve(recipe: Recipe) -> Recipe:
     if sensitivity["maxiter"] < 0:
         raise UserError("recipe key 'sensitivity.maxiter' must be >= 0 (0: 10 × degrees of freedom)")
     out["sensitivity"] = sensitivity
+
+    table = {**neighbors.DEFAULTS, **_table(recipe, "neighbors")}
+    _check_keys(table, neighbors.DEFAULTS, "neighbors.")
+    if table["mode"] not in neighbors.MODES:
+        raise UserError(f"unknown neighbors.mode {table['mode']!r}; known: {', '.join(neighbors.MODES)}")
+    for key in ("skin", "margin", "capacity"):
+        table[key] = _number(table[key], f"neighbors.{key}")
+    if table["capacity"] < 1:
+        raise UserError(f"recipe key 'neighbors.capacity' must be >= 1, got {table['capacity']}")
+    out["neighbors"] = table
     return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from jax_md import minimize
 
 from mdsens.errors import NotConvergedError
+from mdsens.neighbors import overflowed
 from mdsens.system import System
 
 CHUNK_STEPS = 1000
@@ -79,34 +80,53 @@ def max_force(forces: jax.Array) -> jax.Array:
     return jnp.max(jnp.linalg.norm(forces, axis=-1))
 
 
+def _force(system: System):
+    """``force(x, params, pairs)``: with a neighbour list over the given pairs, else all pairs."""
+    if system.pair_list is None:
+        return lambda x, params, pairs: system.force_fn(x, params)
+    return lambda x, params, pairs: -jax.grad(system.pair_energy_fn)(x, params, pairs)
+
+
 def _minimizer(system: System, settings: dict[str, Any]):
-    """(init_fn, step_fn, positions_of, forces_of) for the recipe's minimiser."""
+    """(init_fn, step_fn, positions_of, forces_of) for the recipe's minimiser; ``init_fn(x,
+    pairs, params)`` and ``step_fn(state, pairs, params)``."""
     name = settings["name"]
+    force = _force(system)
     if name == "fire":
         init_fn, step_fn = minimize.fire_descent(
-            lambda x, **params: system.force_fn(x, params),
+            lambda x, pairs, **params: force(x, params, pairs),
             system.shift,
             dt_start=settings["dt_start"],
             dt_max=settings["dt_max"],
         )
-        return init_fn, step_fn, (lambda s: s.position), (lambda s: s.force)
+        return (
+            lambda x, pairs, params: init_fn(x, pairs=pairs, **params),
+            lambda state, pairs, params: step_fn(state, pairs=pairs, **params),
+            (lambda s: s.position),
+            (lambda s: s.force),
+        )
     if name == "gradient_descent":
         step_size = settings["step_size"]
 
-        def init_fn(x, **params):
-            return x, system.force_fn(x, params)
+        def gd_init(x, pairs, params):
+            return x, force(x, params, pairs)
 
-        def step_fn(state, **params):
+        def gd_step(state, pairs, params):
             x, f = state
             x = system.shift(x, step_size * f)
-            return x, system.force_fn(x, params)
+            return x, force(x, params, pairs)
 
-        return init_fn, step_fn, (lambda s: s[0]), (lambda s: s[1])
+        return gd_init, gd_step, (lambda s: s[0]), (lambda s: s[1])
     raise ValueError(f"unknown minimizer {name!r}")
 
 
 class Relaxer:
     """Relaxation of one system, compiled once and reused for any parameters and start.
+
+    With a neighbour list (:mod:`mdsens.neighbors`) the list travels with the minimiser's state
+    and is brought up to date before every step; a list that overflows is reallocated larger
+    and the chunk of steps redone, and parameters whose interaction range exceeds the list's
+    cutoff get a system with a longer one (one more compilation).
 
     Args:
         system: the system (its recipe's ``minimizer`` table gives the method and tolerances).
@@ -121,38 +141,72 @@ class Relaxer:
         self.fmax = float(settings["fmax"] if fmax is None else fmax)
         self.max_steps = int(settings["max_steps"] if max_steps is None else max_steps)
         init_fn, step_fn, positions_of, forces_of = _minimizer(system, settings)
+        pair_list = system.pair_list
         fmax_ = self.fmax
 
-        def run(state, steps, cap, params):
+        def refresh(x, neighbors):
+            return None if pair_list is None else pair_list.update(x, neighbors)
+
+        def pairs_of(neighbors):
+            return None if neighbors is None else neighbors.idx
+
+        def run(state, neighbors, steps, cap, params):
             def cond(carry):
-                state, k = carry
+                state, _, k = carry
                 return (max_force(forces_of(state)) > fmax_) & (k < cap)
 
             def body(carry):
-                state, k = carry
-                return step_fn(state, **params), k + 1
+                state, neighbors, k = carry
+                neighbors = refresh(positions_of(state), neighbors)
+                return step_fn(state, pairs_of(neighbors), params), neighbors, k + 1
 
-            return jax.lax.while_loop(cond, body, (state, steps))
+            return jax.lax.while_loop(cond, body, (state, neighbors, steps))
 
-        self._init = jax.jit(lambda x, params: init_fn(x, **params))
+        def start(x, neighbors, params):
+            neighbors = refresh(x, neighbors)
+            return init_fn(x, pairs_of(neighbors), params), neighbors
+
+        self._start = jax.jit(start)
         self._run = jax.jit(run)
-        self._minimizer = init_fn, step_fn
+        self._minimizer = init_fn, step_fn, refresh, pairs_of
         self.positions_of = positions_of
         self._forces_of = forces_of
         self._energy = jax.jit(system.energy_fn)
+        self._max_force = jax.jit(lambda x, params: max_force(system.force_fn(x, params)))
+        # The list solve() starts from: its capacity is fixed inside jit.
+        self._neighbors0 = None if pair_list is None else pair_list.allocate(self._wrap(system.positions))
 
         def solve(params, x0):
-            state, _ = run(init_fn(x0, **params), 0, self.max_steps, params)
-            return positions_of(state)
+            state, neighbors = start(x0, self._neighbors0, params)
+            state, neighbors, _ = run(state, neighbors, 0, self.max_steps, params)
+            x = positions_of(state)
+            if neighbors is None:
+                return x
+            return jnp.where(neighbors.did_buffer_overflow != 0, jnp.nan, x)
 
         self.solve: Callable = solve
-        """Pure-JAX ``solve(params, x0) -> x*`` for :func:`mdsens.implicit.implicit_root`."""
+        """Pure-JAX ``solve(params, x0) -> x*`` for :func:`mdsens.implicit.implicit_root` (NaN
+        if a neighbour list overflows: it cannot be reallocated inside ``jit``)."""
+
+    def _wrap(self, x):
+        """Positions inside the periodic box, where a cell list expects them."""
+        x = np.asarray(x, dtype=np.float64)
+        return np.mod(x, self.system.box) if self.system.pair_list is not None else x
 
     def unrolled(self):
         """``(init(x, params), step(state, params))`` of one minimiser step, for differentiating
-        through the unrolled minimiser (what implicit differentiation avoids)."""
-        init_fn, step_fn = self._minimizer
-        return (lambda x, params: init_fn(x, **params)), (lambda state, params: step_fn(state, **params))
+        through the unrolled minimiser (what implicit differentiation avoids). The pairs are found
+        afresh at every step when the system has a neighbour list."""
+        init_fn, step_fn, refresh, pairs_of = self._minimizer
+        pair_list = self.system.pair_list
+
+        def pairs_at(x):
+            return None if pair_list is None else pair_list.at(x).idx
+
+        return (
+            lambda x, params: init_fn(x, pairs_at(x), params),
+            lambda state, params: step_fn(state, pairs_at(self.positions_of(state)), params),
+        )
 
     def relax(
         self,
@@ -166,16 +220,28 @@ class Relaxer:
         non-convergence: check ``result.converged`` or call ``result.require_converged()``.
         """
         params = self.system.params if params is None else params
-        x0 = self.system.positions if x0 is None else x0
+        covering = self.system.covering(params)
+        if covering is not self.system:
+            self.__init__(covering, self.fmax, self.max_steps)
+        pair_list = self.system.pair_list
+        x0 = self._wrap(self.system.positions if x0 is None else x0)
         start = time.perf_counter()
         x0 = jnp.asarray(x0, dtype=jnp.float64)
         initial_energy = float(self._energy(x0, params))
-        state = self._init(x0, params)
+        neighbors = None if pair_list is None else pair_list.allocate(x0)
+        state, neighbors = self._start(x0, neighbors, params)
+        while neighbors is not None and bool(overflowed(neighbors)):
+            neighbors = pair_list.grow(x0, neighbors)
+            state, neighbors = self._start(x0, neighbors, params)
         steps = 0
         while True:
             cap = min(steps + CHUNK_STEPS, self.max_steps)
-            state, steps_arr = self._run(state, steps, cap, params)
-            steps = int(steps_arr)
+            new_state, new_neighbors, steps_arr = self._run(state, neighbors, steps, cap, params)
+            if new_neighbors is not None and bool(overflowed(new_neighbors)):
+                # The chunk ran with pairs missing: redo it with room for them.
+                neighbors = pair_list.grow(self.positions_of(new_state), neighbors)
+                continue
+            state, neighbors, steps = new_state, new_neighbors, int(steps_arr)
             force = float(max_force(self._forces_of(state)))
             if progress is not None:
                 progress(steps, force)
@@ -183,6 +249,9 @@ class Relaxer:
                 break
         positions = self.positions_of(state)
         energy = float(self._energy(positions, params))
+        if pair_list is not None:
+            # The minimiser's last force used the list of the step before; this one is exact.
+            force = float(self._max_force(positions, params))
         return RelaxResult(
             positions=np.asarray(positions),
             energy=energy,

@@ -275,6 +275,7 @@ class Sensitivity:
         self._denergy = jax.jit(jax.grad(system.energy_fn, argnums=1))
         self._forces = jax.jit(system.force_fn)
         self._nullspace = jax.jit(system.nullspace)
+        self._rattlers = jax.jit(system.rattlers)
         self._hessian = optimality_fn(system)
 
     def compute(
@@ -299,10 +300,13 @@ class Sensitivity:
             FloatingPointError: a derivative is not finite, absurdly large, or its linear
                 solve did not converge.
         """
+        params = self.system.params if params is None else params
+        positions = relaxed.positions if isinstance(relaxed, RelaxResult) else relaxed
+        covering = self.system.covering(params, positions)
+        if covering is not self.system:
+            self.__init__(covering, self.solver)
         system = self.system
         names = expand_parameters(system, names)
-        params = system.params if params is None else params
-        positions = relaxed.positions if isinstance(relaxed, RelaxResult) else relaxed
         x = jnp.asarray(positions, dtype=jnp.float64)
         start = time.perf_counter()
         force = float(jnp.max(jnp.linalg.norm(self._forces(x, params), axis=-1)))
@@ -348,7 +352,7 @@ class Sensitivity:
             if progress is not None:
                 progress(name)
         nullspace = self._nullspace(x, params)
-        rattlers = np.asarray(system.rattlers(x, params))
+        rattlers = np.asarray(self._rattlers(x, params))
         lowest = None
         if spectrum:
             matvec = implicit.hessian_matvec(self._hessian, x, params)

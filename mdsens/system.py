@@ -12,8 +12,11 @@ The cell is fixed when the system is built; derivatives are taken at that fixed 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,17 @@ from jax_md import space
 
 from mdsens.errors import READ_ERRORS, UserError
 from mdsens.implicit import NullSpace
-from mdsens.potentials import PAIR, POTENTIALS, EnergyFn, Potential, build_energy, metric_from, pair_tables
+from mdsens.neighbors import PairList, build_pair_list, overflowed, use_pair_list
+from mdsens.potentials import (
+    PAIR,
+    POTENTIALS,
+    EnergyFn,
+    Potential,
+    build_energy,
+    build_pair_energy,
+    metric_from,
+    pair_tables,
+)
 from mdsens.recipe import Recipe, apply_overrides, load_recipe, resolve
 
 
@@ -50,8 +63,13 @@ class System:
         overridden: per parameter, the (S, S) mask of explicitly set pair values.
         atoms: ASE atoms of the input (symbols, tags, cell, info), for writing results that
             line up with the user's file.
-        energy_fn: ``energy_fn(x, params) -> E``, differentiable in both arguments.
+        energy_fn: ``energy_fn(x, params) -> E``, differentiable in both arguments; with a
+            neighbour list it finds the pairs at ``x`` itself (NaN where the list cannot hold
+            them or θ reaches beyond its cutoff: see :mod:`mdsens.neighbors`).
         displacement, shift: JAX-MD space functions.
+        pair_list: the neighbour-list functions, or ``None`` where all pairs are summed.
+        pair_energy_fn: ``pair_energy_fn(x, params, pairs) -> E`` over a given (2, M) pair list
+            (with a neighbour list only): what a relaxation loop calls with a list it keeps.
     """
 
     recipe: Recipe
@@ -68,6 +86,8 @@ class System:
     energy_fn: EnergyFn = field(repr=False)
     displacement: Any = field(repr=False)
     shift: Any = field(repr=False)
+    pair_list: PairList | None = field(default=None, repr=False)
+    pair_energy_fn: Callable | None = field(default=None, repr=False)
 
     @property
     def n_particles(self) -> int:
@@ -104,30 +124,73 @@ class System:
             modes += ["rotation.z"] if self.dimension == 2 else [f"rotation.{a}" for a in axes]
         return modes
 
-    def contacts(self, x, params) -> jax.Array:
-        """(N, N) boolean contact matrix (pairs closer than their contact distance); all False
-        for potentials without contacts (see :attr:`Potential.contact`)."""
-        n = x.shape[0]
-        if self.potential.contact is None:
-            return jnp.zeros((n, n), dtype=bool)
-        reach = self.pair_values(params)[self.potential.contact][self.types][:, self.types]
+    def _contact_graph(self, x, params):
+        """(i, j, touching): candidate pairs and whether each is closer than its contact distance.
+
+        All pairs as an (N, N) grid without a neighbour list (the diagonal is never touching),
+        the listed pairs (padding never touching) with one."""
+        reach = self.pair_values(params)[self.potential.contact]
         metric = metric_from(self.displacement)
-        distances = jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x)
-        return (distances < reach) & ~jnp.eye(n, dtype=bool)
+        types = jnp.asarray(self.types)
+        if self.pair_list is None:
+            n = x.shape[0]
+            index = jnp.arange(n)
+            i, j = jnp.broadcast_to(index[:, None], (n, n)), jnp.broadcast_to(index[None, :], (n, n))
+            distances = jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x)
+            return i, j, (distances < reach[types[i], types[j]]) & (i != j)
+        i, j = self.pair_list.at(x).idx
+        valid = i < x.shape[0]
+        distances = jax.vmap(metric)(x[i], x[j])
+        return i, j, valid & (distances < reach[types[i], types[j]])
+
+    @cached_property
+    def _contact_graph_jit(self):
+        return jax.jit(self._contact_graph)
+
+    def contact_numbers(self, x, params) -> jax.Array:
+        """(N,) number of contacts of every particle (pairs closer than their contact distance);
+        all 0 for potentials without contacts (see :attr:`Potential.contact`)."""
+        if self.potential.contact is None:
+            return jnp.zeros(x.shape[0], dtype=int)
+        return self._contact_counts(self._contact_graph(x, params), jnp.ones(x.shape[0], dtype=bool))
+
+    def _contact_counts(self, graph, active):
+        """Contacts of every particle with the ``active`` particles."""
+        i, j, touching = graph
+        n = active.shape[0]
+        if self.pair_list is None:
+            return jnp.sum(touching & active[None, :], axis=1)
+        ends = jnp.concatenate([i, j])
+        both = jnp.concatenate([touching & active[j], touching & active[i]]).astype(int)
+        return jax.ops.segment_sum(both, ends, num_segments=n + 1)[:n]
+
+    def contact_changes(self, x_a, params_a, x_b, params_b) -> np.ndarray:
+        """(N,) mask of particles whose set of contacts differs between two states."""
+        changed = np.zeros(self.n_particles, dtype=bool)
+        if self.potential.contact is None:
+            return changed
+        sets = []
+        for x, params in ((x_a, params_a), (x_b, params_b)):
+            i, j, touching = (np.asarray(a) for a in self._contact_graph_jit(jnp.asarray(x), params))
+            pairs = np.stack([np.minimum(i, j)[touching], np.maximum(i, j)[touching]], axis=1)
+            sets.append(set(map(tuple, pairs.tolist())))
+        for a, b in sets[0] ^ sets[1]:
+            changed[[a, b]] = True
+        return changed
 
     def rattlers(self, x, params) -> jax.Array:
         """(N,) mask of rattlers: particles left with fewer than d + 1 contacts after removing,
         repeatedly, every particle that has fewer (their positions are not determined)."""
-        contacts = self.contacts(x, params).astype(x.dtype)
+        if self.potential.contact is None:
+            return jnp.zeros(x.shape[0], dtype=bool)
         need = self.dimension + 1
+        graph = self._contact_graph(x, params)
 
         def step(carry):
             active, _ = carry
-            kept = active & (contacts @ active.astype(x.dtype) >= need)
+            kept = active & (self._contact_counts(graph, active) >= need)
             return kept, jnp.any(kept != active)
 
-        if self.potential.contact is None:
-            return jnp.zeros(x.shape[0], dtype=bool)
         active, _ = jax.lax.while_loop(lambda c: c[1], step, (jnp.ones(x.shape[0], dtype=bool), True))
         return ~active
 
@@ -163,7 +226,46 @@ class System:
             raise UserError(
                 f"positions of shape {positions.shape} do not fit a system of shape {self.positions.shape}"
             )
-        return System(**{**self.__dict__, "positions": positions})
+        return dataclasses.replace(self, positions=positions)
+
+    def reach(self, params=None) -> float:
+        """The interaction range at ``params`` (default θ): no pair interacts beyond it."""
+        return float(self.potential.reach(self.pair_values(params), self._settings))
+
+    @property
+    def _settings(self) -> dict:
+        return {k: self.recipe["potential"][k] for k in self.potential.settings}
+
+    def covering(self, params, x=None) -> System:
+        """This system, or one whose neighbour list reaches far enough for ``params`` (its
+        interaction range grew beyond the list's cutoff) and has room for the pairs at ``x``
+        (when given). Same shapes; new compiled functions.
+
+        Raises:
+            UserError: the larger range no longer fits the periodic cell.
+        """
+        if self.pair_list is None:
+            return self
+        reach = self.reach(params)
+        box = np.diag(self.cell)
+        short = reach > self.pair_list.cutoff
+        full = x is not None and bool(overflowed(self.pair_list.at_jit(jnp.mod(jnp.asarray(x), box))))
+        if not (short or full):
+            return self
+        _check_minimum_image(self.space_kind, self.cell, reach)
+        settings = self.recipe["neighbors"]
+        cutoff = max(reach * (1 + settings["margin"]), self.pair_list.cutoff)
+        if not use_pair_list({**settings, "mode": "always"}, self.n_particles, self.space_kind, box, reach):
+            raise UserError(
+                f"the interaction range at these parameters ({reach:.4g}) is too large for a neighbour"
+                " list in this cell; build the system with these parameters and neighbors.mode = never"
+            )
+        sample = np.mod(self.positions if x is None else np.asarray(x), box)
+        pair_list = build_pair_list(self.displacement, box, cutoff, settings, sample)
+        energy_fn = _listed_energy(
+            self.potential, self.overridden, len(self.species), self._settings, pair_list, self.pair_energy_fn
+        )
+        return dataclasses.replace(self, pair_list=pair_list, energy_fn=energy_fn)
 
 
 def species_counts(fractions: list[float], n: int) -> list[int]:
@@ -374,7 +476,24 @@ def build_system(recipe: Recipe) -> System:
         positions = positions + rng.normal(scale=recipe["rattle"], size=positions.shape)
     displacement, shift = _space(kind, cell)
     settings = {k: recipe["potential"][k] for k in potential.settings}
-    energy_fn = build_energy(potential, metric_from(displacement), types, overridden, settings)
+    reach = float(potential.reach(pair_tables(potential, params, overridden, len(species)), settings))
+    _check_minimum_image(kind, cell, reach)
+    neighbors = recipe["neighbors"]
+    pair_list, pair_energy_fn = None, None
+    if use_pair_list(neighbors, len(positions), kind, np.diag(cell), reach):
+        cutoff = reach * (1 + neighbors["margin"])
+        wrapped = np.mod(positions, np.diag(cell))
+        pair_list = build_pair_list(displacement, np.diag(cell), cutoff, neighbors, wrapped)
+        pair_energy_fn = build_pair_energy(potential, displacement, types, overridden, settings)
+        energy_fn = _listed_energy(potential, overridden, len(species), settings, pair_list, pair_energy_fn)
+    elif neighbors["mode"] == "always":
+        raise UserError(
+            "neighbors.mode = always needs an orthorhombic periodic cell at least three list cutoffs"
+            f" ({reach * (1 + neighbors['margin']) * (1 + neighbors['skin']):.3g}) wide; use"
+            " neighbors.mode = auto"
+        )
+    else:
+        energy_fn = build_energy(potential, metric_from(displacement), types, overridden, settings)
     system = System(
         recipe=recipe,
         positions=positions,
@@ -390,9 +509,38 @@ def build_system(recipe: Recipe) -> System:
         energy_fn=energy_fn,
         displacement=displacement,
         shift=shift,
+        pair_list=pair_list,
+        pair_energy_fn=pair_energy_fn,
     )
     _check_finite_energy(system)
     return system
+
+
+def _listed_energy(potential, overridden, n_species, settings, pair_list: PairList, pair_energy_fn):
+    """E(x, θ) with its pairs found at ``x``: NaN, not a silently wrong number, when the list
+    overflows or θ makes the interaction range exceed the list's cutoff."""
+
+    def energy_fn(x, params):
+        neighbors = pair_list.at(x)
+        reach = potential.reach(pair_tables(potential, params, overridden, n_species), settings)
+        bad = (neighbors.did_buffer_overflow != 0) | (jax.lax.stop_gradient(reach) > pair_list.cutoff)
+        return jnp.where(bad, jnp.nan, pair_energy_fn(x, params, neighbors.idx))
+
+    return energy_fn
+
+
+def _check_minimum_image(kind: str, cell: np.ndarray, reach: float) -> None:
+    """Pairs are taken at their nearest periodic image only, which misses interactions when the
+    range exceeds half the cell's smallest width: refuse such a system rather than mis-count."""
+    if kind == "free":
+        return
+    widths = 1.0 / np.linalg.norm(np.linalg.inv(cell), axis=0)
+    if reach > widths.min() / 2:
+        raise UserError(
+            f"the interaction range ({reach:.4g}) exceeds half the periodic cell's smallest width"
+            f" ({widths.min():.4g} / 2): pairs would miss their periodic images; use a larger cell"
+            " (e.g. a larger lattice.repeat or n_particles) or a shorter potential.r_cutoff"
+        )
 
 
 def _check_finite_energy(system: System) -> None:
@@ -411,6 +559,11 @@ def _check_finite_energy(system: System) -> None:
 
 def _closest_pair_and_energy(system: System, x):
     metric = metric_from(system.displacement)
+    if system.pair_list is not None:
+        i, j = system.pair_list.at(x).idx
+        distances = jnp.where(i < x.shape[0], jax.vmap(metric)(x[i], x[j]), jnp.inf)
+        k = jnp.argmin(distances)
+        return system.energy_fn(x, system.params), system.force_fn(x, system.params), distances[k], i[k], j[k]
     distances = jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x)
     distances = jnp.where(jnp.eye(x.shape[0], dtype=bool), jnp.inf, distances)
     flat = jnp.argmin(distances)

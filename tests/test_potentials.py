@@ -380,7 +380,10 @@ def rel_err(a, b) -> float:
 
 FD_SYSTEMS = {
     # 107 atoms; FD needs the states relaxed well below the FD signal: fmax 1e-12.
-    "lj-fcc-vacancy": (["lattice.repeat=[3,3,3]", "minimizer.fmax=1e-12"], ["sigma.Ar", "epsilon.Ar"]),
+    "lj-fcc-vacancy": (
+        ["lattice.repeat=[3,3,3]", "potential.r_cutoff=2.3", "minimizer.fmax=1e-12"],
+        ["sigma.Ar", "epsilon.Ar"],
+    ),
     # 64 spheres; soft modes make x* only fmax/λ_min accurate: relax to 1e-14 (round-off ~1e-17).
     "soft-sphere-3d": (
         ["n_particles=64", "minimizer.fmax=1e-14"],
@@ -406,7 +409,7 @@ def fd_systems():
             sensitivity = Sensitivity(system).compute(relaxed, expected, spectrum=False)
             x = jnp.asarray(relaxed.positions)
             rattlers = np.asarray(system.rattlers(x, system.params))
-            contacts = np.asarray(system.contacts(x, system.params)).sum(axis=1)
+            contacts = np.asarray(system.contact_numbers(x, system.params))
             cache[name] = (system, relaxer, relaxed, sensitivity, rattlers, contacts)
         return cache[name]
 

@@ -261,7 +261,6 @@ class _Experiment:
         the wall time is the best of ``repeats``."""
         system = self.system
         difference = jax.jit(jax.vmap(system.displacement))
-        contacts = jax.jit(system.contacts)
         rows = []
         for h in steps:
             shifted = [
@@ -275,11 +274,7 @@ class _Experiment:
                 dx = difference(jnp.asarray(plus.positions), jnp.asarray(minus.positions)) / (2 * h)
                 dx = np.asarray(dx)
                 wall = min(wall, time.perf_counter() - start)
-            changed = jnp.any(
-                contacts(jnp.asarray(plus.positions), shifted[0])
-                != contacts(jnp.asarray(minus.positions), shifted[1]),
-                axis=1,
-            )
+            changed = system.contact_changes(plus.positions, shifted[0], minus.positions, shifted[1])
             rows.append(
                 {
                     "h": h,

@@ -1,0 +1,131 @@
+"""Neighbour lists give the all-pairs answer: energies, forces, Hessian products, relaxed states,
+sensitivities and rattlers; overflow and a growing interaction range are handled, not ignored."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mdsens import neighbors
+from mdsens.errors import UserError
+from mdsens.neighbors import PairList
+from mdsens.relaxation import Relaxer
+from mdsens.sensitivity import Sensitivity, unit_tangent
+from mdsens.system import load_system
+
+PACKING = ["n_particles=256", "seed=3"]
+LJ = ["lattice.repeat=[5,5,5]", "potential.r_onset=1.2", "potential.r_cutoff=1.5", "rattle=0.05"]
+
+
+def pair_of(system_name: str, overrides: list[str]):
+    """The same system without and with a neighbour list."""
+    return tuple(load_system(system_name, [*overrides, f'neighbors.mode="{m}"']) for m in ("never", "always"))
+
+
+@pytest.fixture(scope="module")
+def packing():
+    dense, listed = pair_of("binary-packing", PACKING)
+    relaxed = Relaxer(dense).relax()
+    relaxed.require_converged()
+    return dense, listed, relaxed
+
+
+@pytest.mark.parametrize("name, overrides", [("binary-packing", PACKING), ("lj-fcc-vacancy", LJ)])
+def test_energy_forces_parameter_gradient_and_hessian_products_match_all_pairs(name, overrides):
+    dense, listed = pair_of(name, overrides)
+    assert dense.pair_list is None and listed.pair_list is not None
+    x = jnp.asarray(dense.positions)
+    params = dense.params
+    for fn in (
+        lambda s: s.energy_fn(x, params),
+        lambda s: s.force_fn(x, params),
+        lambda s: jax.grad(s.energy_fn, argnums=1)(x, params),
+        lambda s: jax.jvp(lambda y: jax.grad(s.energy_fn)(y, params), (x,), (jnp.cos(3.0 * x),))[1],
+    ):
+        expected, got = jax.jit(lambda: fn(dense))(), jax.jit(lambda: fn(listed))()
+        for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got), strict=True):
+            assert np.all(np.isfinite(b))
+            np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-11 * float(np.max(np.abs(a))))
+
+
+def test_relaxation_and_sensitivity_match_all_pairs(packing):
+    dense, listed, relaxed = packing
+    own = Relaxer(listed).relax()
+    assert own.converged
+    assert own.energy == pytest.approx(relaxed.energy, rel=1e-10)
+    names = ["diameter.A", "diameter.B", "alpha"]
+    expected = Sensitivity(dense).compute(relaxed, names, spectrum=False)
+    got = Sensitivity(listed).compute(relaxed, names, spectrum=False)
+    np.testing.assert_array_equal(got.rattlers, expected.rattlers)
+    for name in names:
+        a, b = expected.parameters[name], got.parameters[name]
+        np.testing.assert_allclose(b.dx, a.dx, rtol=0, atol=1e-9 * np.max(np.abs(a.dx)))
+        assert b.denergy == pytest.approx(a.denergy, rel=1e-11)
+
+
+def test_contact_numbers_and_changes_match_all_pairs(packing):
+    dense, listed, relaxed = packing
+    x = jnp.asarray(relaxed.positions)
+    np.testing.assert_array_equal(
+        listed.contact_numbers(x, listed.params), dense.contact_numbers(x, dense.params)
+    )
+    # Growing one species' diameter makes new contacts: both modes see the same particles.
+    grown = jax.tree_util.tree_map(lambda p, t: p + 0.05 * t, dense.params, unit_tangent(dense, "diameter.B"))
+    changed = dense.contact_changes(x, dense.params, x, grown)
+    assert changed.any()
+    np.testing.assert_array_equal(listed.contact_changes(x, listed.params, x, grown), changed)
+
+
+def test_a_list_that_overflows_is_reallocated_and_the_steps_redone(packing, monkeypatch):
+    """With no headroom (capacity 1.0) a rebuild during the relaxation finds more pairs than the
+    list holds: the relaxation must notice, grow the list, redo the steps and still reach the
+    all-pairs relaxed state."""
+    _, _, relaxed = packing
+    tight = load_system("binary-packing", [*PACKING, 'neighbors.mode="always"', "neighbors.capacity=1.0"])
+    grow, grown = PairList.grow, []
+    monkeypatch.setattr(
+        PairList, "grow", lambda self, x, nb: grown.append(nb.max_occupancy) or grow(self, x, nb)
+    )
+    result = Relaxer(tight).relax()
+    assert grown, "no overflow happened: the test no longer tests anything"
+    assert result.converged
+    assert result.energy == pytest.approx(relaxed.energy, rel=1e-10)
+
+
+def test_a_parameter_beyond_the_cutoff_gets_a_longer_list(packing):
+    """diameter.A + 20 % (beyond the 10 % margin): the energy of the original list says NaN
+    rather than miss pairs, and the relaxer rebuilds its list and matches all pairs."""
+    dense, listed, relaxed = packing
+    bigger = jax.tree_util.tree_map(lambda p, t: p + 0.2 * t, dense.params, unit_tangent(dense, "diameter.A"))
+    x = jnp.asarray(relaxed.positions)
+    assert np.isnan(float(listed.energy_fn(x, bigger)))
+    relaxer = Relaxer(listed)
+    result = relaxer.relax(bigger, x0=relaxed.positions)
+    assert relaxer.system.pair_list.cutoff > listed.pair_list.cutoff
+    assert relaxer.system.pair_list.cutoff >= listed.reach(bigger)
+    reference = Relaxer(dense).relax(bigger, x0=relaxed.positions)
+    assert result.converged and reference.converged
+    assert result.energy == pytest.approx(reference.energy, rel=1e-10)
+
+
+def test_auto_mode_switches_at_the_documented_particle_count():
+    below = load_system("binary-packing", [f"n_particles={neighbors.AUTO_MIN_PARTICLES - 2}"])
+    at = load_system("binary-packing", [f"n_particles={neighbors.AUTO_MIN_PARTICLES}"])
+    assert below.pair_list is None and at.pair_list is not None
+
+
+def test_always_in_a_free_cluster_is_a_user_error():
+    with pytest.raises(UserError, match="orthorhombic periodic cell"):
+        load_system("lj-cluster", ['neighbors.mode="always"'])
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("lj-fcc-vacancy", ["lattice.repeat=[2,2,2]"]), ("lj-fcc-vacancy", ["potential.r_cutoff=inf"])],
+)
+def test_a_range_beyond_half_the_cell_is_a_user_error(name, overrides):
+    """Minimum image would count one image of each pair and miss the others."""
+    with pytest.raises(UserError, match="half the periodic cell"):
+        load_system(name, overrides)
