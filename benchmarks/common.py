@@ -1,0 +1,147 @@
+"""What every benchmark shares: timing, XLA memory accounting, child processes with a memory cap,
+tables on stdout and JSON under ``results/benchmarks/``.
+
+Benchmarks are scripts, not tests: each prints a table of ratios measured side by side in one
+run and writes its numbers (with the machine they came from) for the docs and the closing note.
+Run one with ``python benchmarks/NAME.py``; ``--smoke`` runs a seconds-long version (CI) and
+``--out DIR`` writes somewhere else than ``results/benchmarks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "benchmarks"
+
+
+def arguments(description: str) -> argparse.Namespace:
+    """``--smoke`` and ``--out`` for every benchmark."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and plot go")
+    return parser.parse_args()
+
+
+def best_time(fn: Callable, repeats: int = 1):
+    """(result, seconds) of the fastest of ``repeats`` calls, waiting for the device each time."""
+    best, out = math.inf, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def xla_memory(jitted, *args) -> int | None:
+    """Peak device memory XLA plans for one call (arguments + outputs + temporaries), from the
+    compiled executable: nothing runs, so sizes that would not fit can still be measured."""
+    try:
+        analysis = jitted.lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - a backend without memory accounting reports none
+        return None
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def in_child(module: str, function: str, kwargs: dict, memory_cap: int | None, timeout: float) -> dict:
+    """Run ``module.function(**kwargs)`` in a fresh Python, under an address-space cap.
+
+    Returns its JSON-able dict, or ``{"failed": reason}`` when it ran out of memory, was killed
+    or timed out: a failure to fit is a data point, and it cannot take this process down.
+    """
+    code = (
+        "import json, resource, sys\n"
+        f"cap = {memory_cap!r}\n"
+        "if cap: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"import {module} as m\n"
+        f"out = m.{function}(**json.loads(sys.argv[1]))\n"
+        "print('@@RESULT@@' + json.dumps(out))\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(kwargs)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timed out after {timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("@@RESULT@@"):
+            return json.loads(line.removeprefix("@@RESULT@@"))
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    if "RESOURCE_EXHAUSTED" in done.stderr or "MemoryError" in done.stderr or "bad_alloc" in done.stderr:
+        return {"failed": f"out of memory under the {memory_cap / 2**30:.0f} GiB cap"}
+    return {"failed": f"exit {done.returncode}: {tail[:200]}"}
+
+
+def machine() -> dict:
+    """Where the numbers come from."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0]),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write(out: Path, name: str, data: dict) -> Path:
+    """``out/name.json`` with the machine description added."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2, default=_plain) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (missing values shown as '-')."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def mib(n: int | None) -> float | None:
+    return None if n is None else n / 2**20

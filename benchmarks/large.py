@@ -1,0 +1,74 @@
+"""A 10^5-particle 2-D packing, end to end through the command line: relax, then one sensitivity.
+
+What a user runs, timed from the shell (imports, compilation and file writing included):
+
+    mdsens relax --set n_particles=100000 --out RUN
+    mdsens sensitivity --run RUN --param diameter.B
+
+with each command's peak resident memory. The run directory is a temporary one (its files are
+large); the numbers go to ``results/benchmarks/large.json``.
+
+    python benchmarks/large.py            # N = 100000
+    python benchmarks/large.py --smoke    # N = 256, seconds
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+
+def _run(command: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes of the child, stdout) of one command; raises on failure."""
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, done.stdout
+
+
+def main() -> None:
+    args = common.arguments(__doc__.splitlines()[0])
+    n = 256 if args.smoke else 100_000
+    mdsens = str(Path(sys.executable).parent / "mdsens")
+    run = Path(tempfile.mkdtemp(prefix="mdsens-large-")) / "run"
+    try:
+        relax_s, relax_rss, relax_out = _run(
+            [mdsens, "relax", "--set", f"n_particles={n}", "--out", str(run)]
+        )
+        sens_s, sens_rss, sens_out = _run([mdsens, "sensitivity", "--run", str(run), "--param", "diameter.B"])
+        sensitivity = json.loads((run / "sensitivity.json").read_text())
+    finally:
+        shutil.rmtree(run.parent, ignore_errors=True)
+    entry = sensitivity["parameters"]["diameter.B"]
+    row = {
+        "N": n,
+        "relax_s": relax_s,
+        "sensitivity_s": sens_s,
+        "total_s": relax_s + sens_s,
+        "total_min": (relax_s + sens_s) / 60,
+        "relax_peak_rss_MiB": common.mib(relax_rss),
+        "peak_rss_MiB": common.mib(sens_rss),
+        "cg_iterations": entry.get("iterations"),
+        "cg_residual": entry.get("residual"),
+    }
+    print(relax_out.strip().splitlines()[-2] if relax_out.strip() else "")
+    print(common.table([row], list(row)))
+    common.write(
+        args.out,
+        "large",
+        {"row": row, "relax_stdout": relax_out, "sensitivity_stdout": sens_out},
+    )
+
+
+if __name__ == "__main__":
+    main()

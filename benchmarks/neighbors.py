@@ -1,0 +1,92 @@
+"""All pairs against a neighbour list: where the crossover lies (sets ``AUTO_MIN_PARTICLES``).
+
+The same 2-D packing (binary-packing, φ = 0.98, same seed) relaxed and differentiated with
+``neighbors.mode = never`` and ``always``, timed after compilation, with XLA's planned memory of
+the relaxation loop. The two must agree: the table shows the relaxed energies' difference too.
+
+    python benchmarks/neighbors.py            # N = 64 … 1024 (all pairs: 25 ms a step at 1024)
+    python benchmarks/neighbors.py --smoke    # N = 64, seconds
+"""
+
+from __future__ import annotations
+
+import common
+
+SIZES = (64, 128, 256, 512, 1024)
+COLUMNS = (
+    "N",
+    "all_pairs_relax_s",
+    "list_relax_s",
+    "speedup",
+    "all_pairs_sens_s",
+    "list_sens_s",
+    "all_pairs_MiB",
+    "list_MiB",
+    "energy_difference",
+)
+
+
+def timed(n: int, mode: str, fmax: float | None = None) -> dict:
+    """Relax and one sensitivity with ``neighbors.mode = mode``, each after compilation."""
+    import jax.numpy as jnp
+
+    from mdsens.relaxation import Relaxer
+    from mdsens.sensitivity import Sensitivity
+    from mdsens.system import load_system
+
+    overrides = [f"n_particles={n}", f'neighbors.mode="{mode}"'] + (
+        [f"minimizer.fmax={fmax}"] if fmax else []
+    )
+    system = load_system("binary-packing", overrides)
+    relaxer = Relaxer(system)
+    cap, relaxer.max_steps = relaxer.max_steps, 2
+    relaxer.relax()
+    relaxer.max_steps = cap
+    relaxed = relaxer.relax()
+    sensitivity = Sensitivity(relaxer.system)
+    sensitivity.compute(relaxed, ["diameter.B"], spectrum=False)
+    entry = sensitivity.compute(relaxed, ["diameter.B"], spectrum=False).parameters["diameter.B"]
+    x = jnp.asarray(relaxed.positions)
+    pair_list = relaxer.system.pair_list
+    neighbors = None if pair_list is None else pair_list.allocate(x)
+    state, neighbors = relaxer._start(x, neighbors, system.params)
+    memory = common.xla_memory(relaxer._run, state, neighbors, 0, 10, system.params)
+    return {
+        "relax_s": relaxed.wall_time,
+        "steps": relaxed.steps,
+        "energy": relaxed.energy,
+        "sensitivity_s": entry.wall_time,
+        "MiB": common.mib(memory),
+    }
+
+
+def main() -> None:
+    args = common.arguments(__doc__.splitlines()[0])
+    sizes, fmax = ((64,), 1e-8) if args.smoke else (SIZES, None)
+    rows = []
+    for n in sizes:
+        dense = common.in_child("neighbors", "timed", {"n": n, "mode": "never", "fmax": fmax}, None, 1800)
+        listed = common.in_child("neighbors", "timed", {"n": n, "mode": "always", "fmax": fmax}, None, 1800)
+        row = {"N": n, "all_pairs": dense, "list": listed}
+        if "failed" not in dense and "failed" not in listed:
+            row.update(
+                {
+                    "all_pairs_relax_s": dense["relax_s"],
+                    "list_relax_s": listed["relax_s"],
+                    "speedup": dense["relax_s"] / listed["relax_s"],
+                    "all_pairs_sens_s": dense["sensitivity_s"],
+                    "list_sens_s": listed["sensitivity_s"],
+                    "all_pairs_MiB": dense["MiB"],
+                    "list_MiB": listed["MiB"],
+                    "energy_difference": abs(dense["energy"] - listed["energy"]),
+                }
+            )
+        rows.append(row)
+        print(common.table(rows[-1:], COLUMNS), flush=True)
+    print()
+    print(common.table(rows, COLUMNS))
+    common.write(args.out, "neighbors", {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
