@@ -32,6 +32,31 @@ app = typer.Typer(
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# Above this many degrees of freedom the Lanczos spectrum can cost more than the sensitivities
+# themselves; `--spectrum` still asks for it.
+SPECTRUM_AUTO_LIMIT = 20_000
+
+
+@app.callback()
+def _compilation_cache() -> None:
+    """Keep compiled functions on disk, so a second run of the same system shape starts fast.
+
+    On by default on GPU and TPU. Off on CPU: jaxlib 0.10 rejects its own CPU cache entries on
+    reload and logs an error for each (jax issue 38445), so the cache would only cost time.
+    MDSENS_COMPILATION_CACHE=DIR turns it on anywhere, MDSENS_COMPILATION_CACHE="" off.
+    """
+    import os
+
+    import jax
+
+    directory = os.environ.get("MDSENS_COMPILATION_CACHE")
+    if directory is None and jax.default_backend() != "cpu":
+        directory = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mdsens" / "jax")
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 RunOption = Annotated[
     Path | None,
     typer.Option(
@@ -211,13 +236,15 @@ def sensitivity(
         ),
     ] = False,
     spectrum: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--spectrum/--no-spectrum",
             help="Report the lowest Hessian eigenvalues (dense up to 1024 degrees of freedom, "
-            "Lanczos beyond: seconds to a minute for 10^3-10^4 particles).",
+            "Lanczos beyond: seconds to a minute for 10^3-10^4 particles). Default: on up to "
+            f"{SPECTRUM_AUTO_LIMIT} degrees of freedom.",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
 ) -> None:
     """Compute dx*/dθ (implicit differentiation) and dE*/dθ (envelope theorem) of a relaxed run.
 
@@ -239,15 +266,24 @@ def sensitivity(
                 "pass --allow-unconverged to differentiate it anyway"
             )
         out.print(f"Sensitivity of {escape(str(run_dir))} to {', '.join(names)}")
-        with err.status("compiling and solving"):
+        with_spectrum = spectrum if spectrum is not None else relaxed.positions.size <= SPECTRUM_AUTO_LIMIT
+        with err.status("compiling and solving") as status:
             result = Sensitivity(system, solver).compute(
-                relaxed, names, allow_unconverged=allow_unconverged, spectrum=spectrum
+                relaxed,
+                names,
+                allow_unconverged=allow_unconverged,
+                spectrum=with_spectrum,
+                progress=lambda name: status.update(f"solved {escape(name)}; solving the next"),
             )
         for name, entry in result.parameters.items():
             out.print(
                 f"  {name:<14} = {entry.value:<8g} dE*/dθ = {entry.denergy:+.10e}  "
                 f"max|dx*/dθ| = {abs(entry.dx).max():.4e}  {entry.solver}: {entry.iterations} it, "
                 f"residual {entry.residual:.1e}"
+            )
+        if spectrum is None and not with_spectrum:
+            out.print(
+                f"  Hessian spectrum skipped above {SPECTRUM_AUTO_LIMIT} degrees of freedom (--spectrum)"
             )
         if result.spectrum is not None:
             hessian = result.spectrum

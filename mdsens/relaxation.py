@@ -182,11 +182,13 @@ class Relaxer:
             x = positions_of(state)
             if neighbors is None:
                 return x
-            return jnp.where(neighbors.did_buffer_overflow != 0, jnp.nan, x)
+            reach = system.potential.reach(system.pair_values(params), system.settings)
+            return jnp.where(overflowed(neighbors) | (reach > pair_list.cutoff), jnp.nan, x)
 
         self.solve: Callable = solve
         """Pure-JAX ``solve(params, x0) -> x*`` for :func:`mdsens.implicit.implicit_root` (NaN
-        if a neighbour list overflows: it cannot be reallocated inside ``jit``)."""
+        if the neighbour list overflows or θ reaches beyond its cutoff: inside ``jit`` it cannot
+        be reallocated)."""
 
     def _wrap(self, x):
         """Positions inside the periodic box, where a cell list expects them."""
@@ -194,19 +196,23 @@ class Relaxer:
         return np.mod(x, self.system.box) if self.system.pair_list is not None else x
 
     def unrolled(self):
-        """``(init(x, params), step(state, params))`` of one minimiser step, for differentiating
-        through the unrolled minimiser (what implicit differentiation avoids). The pairs are found
-        afresh at every step when the system has a neighbour list."""
+        """``(init(x, params), step(state, params), positions(state))`` of the minimiser, one step
+        at a time, for differentiating through the unrolled minimiser (what implicit
+        differentiation avoids). From the system's initial positions it takes exactly the steps
+        :meth:`relax` takes: a neighbour list travels in the state and is updated the same way."""
         init_fn, step_fn, refresh, pairs_of = self._minimizer
-        pair_list = self.system.pair_list
+        neighbors0 = self._neighbors0
 
-        def pairs_at(x):
-            return None if pair_list is None else pair_list.at(x).idx
+        def init(x, params):
+            neighbors = refresh(x, neighbors0)
+            return init_fn(x, pairs_of(neighbors), params), neighbors
 
-        return (
-            lambda x, params: init_fn(x, pairs_at(x), params),
-            lambda state, params: step_fn(state, pairs_at(self.positions_of(state)), params),
-        )
+        def step(state, params):
+            state, neighbors = state
+            neighbors = refresh(self.positions_of(state), neighbors)
+            return step_fn(state, pairs_of(neighbors), params), neighbors
+
+        return init, step, lambda state: self.positions_of(state[0])
 
     def relax(
         self,
@@ -228,10 +234,13 @@ class Relaxer:
         start = time.perf_counter()
         x0 = jnp.asarray(x0, dtype=jnp.float64)
         initial_energy = float(self._energy(x0, params))
-        neighbors = None if pair_list is None else pair_list.allocate(x0)
+        # Every relaxation starts from the same list object (updated to x0), so that its static
+        # structure, and with it the compiled loop, is reused; a list is replaced only when it
+        # overflows, and the larger one is kept for the next relaxations.
+        neighbors = self._neighbors0
         state, neighbors = self._start(x0, neighbors, params)
         while neighbors is not None and bool(overflowed(neighbors)):
-            neighbors = pair_list.grow(x0, neighbors)
+            neighbors = self._neighbors0 = pair_list.grow(x0, neighbors)
             state, neighbors = self._start(x0, neighbors, params)
         steps = 0
         while True:
@@ -239,7 +248,7 @@ class Relaxer:
             new_state, new_neighbors, steps_arr = self._run(state, neighbors, steps, cap, params)
             if new_neighbors is not None and bool(overflowed(new_neighbors)):
                 # The chunk ran with pairs missing: redo it with room for them.
-                neighbors = pair_list.grow(self.positions_of(new_state), neighbors)
+                neighbors = self._neighbors0 = pair_list.grow(self.positions_of(new_state), neighbors)
                 continue
             state, neighbors, steps = new_state, new_neighbors, int(steps_arr)
             force = float(max_force(self._forces_of(state)))

@@ -157,7 +157,11 @@ def relaxed_positions_fn(system: System, relaxer: Relaxer | None = None, solver:
 
     Limits: the derivative assumes the minimiser converged (a relaxation stopped at its step
     cap gives a wrong derivative; check with :func:`mdsens.relaxation.Relaxer.relax` first); it is
-    undefined where the contact network changes; second derivatives are not supported.
+    undefined where the contact network changes; second derivatives are not supported. With a
+    neighbour list (:mod:`mdsens.neighbors`) its size and cutoff are fixed when this function is
+    built: parameters whose interaction range exceeds the cutoff (the recipe's range + 10 %), or a
+    state with more pairs than the list holds, give NaN rather than a wrong number; build the
+    system at the new parameters then.
     """
     relaxer = Relaxer(system) if relaxer is None else relaxer
     # jit here so that eager use (no jit around the user's code) compiles once, not per call.

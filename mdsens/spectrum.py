@@ -8,8 +8,8 @@ largest eigenvalue, moves the removed directions out of the way.
 What the numbers say: a negative eigenvalue means the state is a saddle point, not a minimum
 (the derivative is then that of an unstable state); a near-zero eigenvalue beyond the removed
 modes is a soft or zero mode the null space misses (a rattler, a free rotation), along which the
-derivative is ill-defined; the ratio of the largest to the lowest eigenvalue bounds how much the
-linear solve amplifies errors.
+derivative is ill-defined; the ratio of the largest to the smallest eigenvalue magnitude (off the
+zero modes) bounds how much the linear solve amplifies errors.
 """
 
 from __future__ import annotations
@@ -48,8 +48,22 @@ class Spectrum:
 
     @property
     def condition_number(self) -> float:
-        positive = [v for v in self.lowest if v > 0]
-        return self.largest / positive[0] if positive else float("inf")
+        """|λ|max / |λ|min over the non-zero eigenvalues: how much the linear solve amplifies errors.
+
+        A ratio of magnitudes, so that it means the same at a saddle point, where the lowest
+        eigenvalues are negative. |λ|min is the smallest |λ| in ``lowest`` once its
+        ``extra_zero_modes`` are left out (those are zero modes, reported as such); |λ|max is the
+        larger of |``largest``| and the largest |λ| in ``lowest``. Only the computed eigenvalues
+        count: when ``lowest`` holds only negative ones, a smaller |λ| may lie beyond them and the
+        true ratio is larger. ``inf`` when every eigenvalue in ``lowest`` is a zero mode; 1 when
+        the null space is everything and no eigenvalue is left.
+        """
+        if not self.lowest:
+            return 1.0
+        magnitudes = np.sort(np.abs(self.lowest))[self.extra_zero_modes :]
+        if magnitudes.size == 0:
+            return float("inf")
+        return float(max(abs(self.largest), magnitudes[-1]) / magnitudes[0])
 
 
 def _removed_dimension(nullspace: NullSpace | jax.Array | None) -> int:

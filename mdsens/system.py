@@ -230,10 +230,11 @@ class System:
 
     def reach(self, params=None) -> float:
         """The interaction range at ``params`` (default θ): no pair interacts beyond it."""
-        return float(self.potential.reach(self.pair_values(params), self._settings))
+        return float(self.potential.reach(self.pair_values(params), self.settings))
 
     @property
-    def _settings(self) -> dict:
+    def settings(self) -> dict:
+        """The potential's fixed settings (cutoffs) from the recipe."""
         return {k: self.recipe["potential"][k] for k in self.potential.settings}
 
     def covering(self, params, x=None) -> System:
@@ -263,7 +264,7 @@ class System:
         sample = np.mod(self.positions if x is None else np.asarray(x), box)
         pair_list = build_pair_list(self.displacement, box, cutoff, settings, sample)
         energy_fn = _listed_energy(
-            self.potential, self.overridden, len(self.species), self._settings, pair_list, self.pair_energy_fn
+            self.potential, self.overridden, len(self.species), self.settings, pair_list, self.pair_energy_fn
         )
         return dataclasses.replace(self, pair_list=pair_list, energy_fn=energy_fn)
 

@@ -12,7 +12,7 @@ from mdsens import neighbors
 from mdsens.errors import UserError
 from mdsens.neighbors import PairList
 from mdsens.relaxation import Relaxer
-from mdsens.sensitivity import Sensitivity, unit_tangent
+from mdsens.sensitivity import Sensitivity, relaxed_positions_fn, unit_tangent
 from mdsens.system import load_system
 
 PACKING = ["n_particles=256", "seed=3"]
@@ -44,7 +44,7 @@ def test_energy_forces_parameter_gradient_and_hessian_products_match_all_pairs(n
         lambda s: jax.grad(s.energy_fn, argnums=1)(x, params),
         lambda s: jax.jvp(lambda y: jax.grad(s.energy_fn)(y, params), (x,), (jnp.cos(3.0 * x),))[1],
     ):
-        expected, got = jax.jit(lambda: fn(dense))(), jax.jit(lambda: fn(listed))()
+        expected, got = (jax.jit(lambda f=fn, s=s: f(s))() for s in (dense, listed))
         for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got), strict=True):
             assert np.all(np.isfinite(b))
             np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-11 * float(np.max(np.abs(a))))
@@ -129,3 +129,18 @@ def test_a_range_beyond_half_the_cell_is_a_user_error(name, overrides):
     """Minimum image would count one image of each pair and miss the others."""
     with pytest.raises(UserError, match="half the periodic cell"):
         load_system(name, overrides)
+
+
+def test_differentiable_relaxed_positions_with_a_list(packing):
+    """x*(θ) through jax.jvp matches the all-pairs sensitivity; beyond the list's cutoff it is
+    NaN, not a state relaxed with pairs missing."""
+    dense, listed, relaxed = packing
+    x_star = relaxed_positions_fn(listed)
+    tangent = unit_tangent(listed, "diameter.B")
+    x, dx = jax.jvp(lambda p: x_star(p, relaxed.positions), (listed.params,), (tangent,))
+    expected = Sensitivity(dense).compute(relaxed, ["diameter.B"], spectrum=False).parameters["diameter.B"].dx
+    np.testing.assert_allclose(np.asarray(dx), expected, rtol=0, atol=1e-8 * np.max(np.abs(expected)))
+    bigger = jax.tree_util.tree_map(
+        lambda p, t: p + 0.2 * t, listed.params, unit_tangent(listed, "diameter.A")
+    )
+    assert np.all(np.isnan(np.asarray(x_star(bigger, relaxed.positions))))

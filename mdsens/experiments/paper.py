@@ -133,7 +133,7 @@ class _Experiment:
         )
         # A fixed cotangent for reverse mode: the gradient of Σ c·x, c random.
         self.cotangent = jax.random.normal(jax.random.PRNGKey(0), self.x.shape, dtype=self.x.dtype)
-        self.init, self.step = relaxer.unrolled()
+        self.init, self.step, self.positions_of = relaxer.unrolled()
 
     def errors(self, dxs, reference: np.ndarray | None = None) -> np.ndarray:
         """Relative error of each dx in the stack ``dxs`` (K, N, d) against ``reference`` (default:
@@ -187,7 +187,7 @@ class _Experiment:
     # -- unrolled -------------------------------------------------------------------------
     def _positions_after(self, params, steps):
         state = jax.lax.fori_loop(0, steps, lambda _, s: self.step(s, params), self.init(self.x0, params))
-        return self.relaxer.positions_of(state)
+        return self.positions_of(state)
 
     def unrolled_forward(self, steps_list: Sequence[int], repeats: int = 1):
         """Forward mode through K steps from the initial positions, for each K, from scratch.
@@ -223,7 +223,7 @@ class _Experiment:
         def trajectory(params):
             def body(state, _):
                 state = self.step(state, params)
-                return state, self.relaxer.positions_of(state)
+                return state, self.positions_of(state)
 
             _, xs = jax.lax.scan(body, self.init(self.x0, params), None, length=length)
             return xs
@@ -247,7 +247,7 @@ class _Experiment:
                 return self.step(state, params), None
 
             state, _ = jax.lax.scan(body, self.init(self.x0, params), None, length=steps)
-            return self.relaxer.positions_of(state)
+            return self.positions_of(state)
 
         def pullback(params, cotangent):
             _, vjp = jax.vjp(positions, params)

@@ -1,0 +1,195 @@
+"""``mdsens check``: the verdict rests on trusted references, and says so in RUN/check.json.
+
+What makes these tests falsifiable:
+
+* the relaxed 128-particle binary packing must pass against finite differences (h = 1e-5 agrees to
+  ~5e-7) and against the dense direct solve (~1e-12), while a state relaxed only to max|F| ≤ 1e-4
+  must fail: its derivative is that of an unrelaxed state (3e-3 off the tight references);
+* the packing has a pair 7e-5 from contact (../shared/REFERENCE.md), so h = 1e-4 and 1e-3 change
+  the contact network: such a step measures a jump (error 0.13 and 0.24, and still 0.22 on the
+  particles whose own contacts did not change), so it is reported, never trusted. With h = 1e-3
+  alone the direct solve decides (pass); without a direct solve nothing can (fail);
+* autodiff through the unrolled FIRE loop is the derivative of the state FIRE has reached: at a
+  quarter of the relaxation's steps (max|F| ~ 3e-2) it is nothing like dx*/dθ (error 0.999), at
+  twice the steps it is dx*/dθ (8e-11); it is reported, and does not decide the verdict;
+* a Lennard-Jones crystal with a vacancy (no contact rule) passes ``mdsens check`` for σ, and for
+  ε, where x* does not depend on ε at all and every method must give exactly 0 (the dense solve
+  once returned noise there, and failed the check).
+
+The packing is the session's relaxed one (tests/conftest.py); one Checker, compiled once, serves
+every check of it. The command line runs on the under-relaxed packing (FAIL, exit 1) and on the
+crystal (PASS, exit 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mdsens import check
+from mdsens.check import Checker
+from mdsens.cli import app
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def describe(result) -> str:
+    return f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+
+
+def fd_rows(rows: list) -> list:
+    """The finite-difference rows of a check (Row objects, or their dicts from check.json)."""
+    method = (lambda r: r["method"]) if rows and isinstance(rows[0], dict) else (lambda r: r.method)
+    return [r for r in rows if method(r).startswith("finite differences")]
+
+
+@pytest.fixture(scope="module")
+def packing_checker(packing_system, packing_relaxed):
+    """A Checker of the relaxed packing with steps across (1e-3, 1e-4) and below (1e-5, 1e-6) the
+    near-contact pair's gap."""
+    return Checker(packing_system, packing_relaxed, steps=(1e-3, 1e-4, 1e-5, 1e-6))
+
+
+@pytest.fixture(scope="module")
+def packing_check(packing_checker, packing_relaxed):
+    """``mdsens check -p diameter.B`` with unrolled autodiff at a quarter of and at twice the
+    relaxation's steps; returns the check and those two step counts."""
+    n = packing_relaxed.steps
+    quarter, double = max(n // 4, 1), 2 * n
+    return packing_checker.check("diameter.B", unroll=(quarter, double)), quarter, double
+
+
+def test_check_passes_on_the_relaxed_packing(packing_check):
+    result, _, _ = packing_check
+    assert result.passed, result.reason
+    assert min(r.error for r in fd_rows(result.rows)) <= 1e-5
+    (direct,) = [r for r in result.rows if r.method.startswith("direct")]
+    assert direct.error <= 1e-8
+    (implicit_row,) = [r for r in result.rows if r.method.startswith("implicit")]
+    assert implicit_row.error == 0.0  # the reference the others are measured against
+
+
+def test_large_steps_cross_contact_changes_that_are_reported_not_trusted(packing_check):
+    """h = 1e-3 and 1e-4 move the pair 7e-5 from contact across it; 1e-5 and 1e-6 do not. The
+    verdict comes from a step without contact changes, and the large steps' errors are real."""
+    result, _, _ = packing_check
+    rows = {r.h: r for r in fd_rows(result.rows)}
+    for h in (1e-3, 1e-4):
+        assert rows[h].contact_changes > 0
+        assert rows[h].error > 1e-2  # a jump across a contact change, not a derivative
+    for h in (1e-5, 1e-6):
+        assert rows[h].contact_changes == 0
+        assert rows[h].error == rows[h].error_unchanged <= 1e-5
+    assert result.reason.startswith("finite differences agree to") and "h = 1e-05" in result.reason
+
+
+def test_unrolled_autodiff_is_the_derivative_of_the_state_reached(packing_check):
+    """Before FIRE has converged the unrolled derivative is that of an unrelaxed state; after, it
+    is dx*/dθ. The rows are reported, not trusted: they do not decide the verdict."""
+    result, quarter, double = packing_check
+    rows = {r.steps: r for r in result.rows if r.steps is not None}
+    assert sorted(rows) == [quarter, double]
+    assert all(r.method.startswith("unrolled") for r in rows.values())
+    assert rows[quarter].error > 1e-2
+    assert rows[double].error < 1e-6
+
+
+def test_contact_changes_at_every_step_leave_the_verdict_to_the_direct_solve(packing_checker, monkeypatch):
+    """`mdsens check --help`: "Finite differences across a change of contacts are reported, not
+    blamed on the implicit answer". At h = 1e-3 alone even the particles whose own contacts did
+    not change are 0.22 off (the whole network follows the jump): were that row trusted, the
+    check would fail. The direct solve agrees to 1e-12, so it passes, and says why."""
+    monkeypatch.setattr(packing_checker, "steps", (1e-3,))
+    result = packing_checker.check("diameter.B", unroll=())
+    (row,) = fd_rows(result.rows)
+    assert row.h == 1e-3 and row.contact_changes > 0
+    assert row.error_unchanged > 1e-2
+    (direct,) = [r for r in result.rows if r.method.startswith("direct")]
+    assert direct.error <= 1e-8
+    assert result.passed, result.reason
+    assert result.reason.startswith(
+        "contacts change at every h: finite differences cannot judge; the direct solve agrees"
+    )
+
+
+def test_without_a_direct_solve_contact_changes_at_every_step_fail(packing_checker, monkeypatch):
+    """A system too large for the direct solve, whose every step changes contacts: nothing
+    trusted is left, and the check fails rather than pass or fail on an untrusted row."""
+    monkeypatch.setattr(packing_checker, "steps", (1e-3,))
+    monkeypatch.setattr(check, "DENSE_LIMIT", 0)
+    result = packing_checker.check("diameter.B", unroll=())
+    assert not [r for r in result.rows if r.method.startswith("direct")]
+    (row,) = fd_rows(result.rows)
+    assert row.contact_changes > 0
+    assert not result.passed
+    assert result.reason == (
+        "no trusted reference: contacts change at every h and the system is too large for a direct solve"
+    )
+
+
+def test_check_fails_on_an_under_relaxed_run(tmp_path, monkeypatch):
+    """``mdsens check`` with the default steps h (1e-4, 1e-5, 1e-6): FAIL, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    relaxed = cli("relax", "--set", "minimizer.fmax=1e-4", "--out", "results/loose")
+    assert relaxed.exit_code == 0, describe(relaxed)
+    result = cli("check", "--run", "results/loose", "-p", "diameter.B", "--no-unroll")
+    assert result.exit_code == 1, describe(result)
+    assert "FAIL" in result.output and "PASS" not in result.output
+    report = json.loads(Path("results/loose/check.json").read_text())
+    assert report["passed"] is False and report["tolerance"] == 1e-5
+    entry = report["parameters"]["diameter.B"]
+    assert entry["passed"] is False and "relax to a smaller fmax" in entry["reason"]
+    assert sorted(r["h"] for r in fd_rows(entry["rows"])) == sorted(check.STEPS)
+    # The tight references agree with each other, not with the loose state's derivative.
+    best = min(r["error_unchanged"] for r in fd_rows(entry["rows"]) if r["contact_changes"] == 0)
+    assert best > 1e-4
+    assert "finite differences disagree" in entry["reason"]
+    assert not [r for r in entry["rows"] if r["steps"] is not None]  # --no-unroll
+
+
+LJ_OVERRIDES = [
+    "lattice.repeat=[2,2,2]",
+    # Half the 3.10 box is 1.55: the recipe's 2.5 σ cutoff would reach beyond the minimum image,
+    # which JAX-MD's periodic space silently drops. Within 1.5 σ only the first shell interacts.
+    "potential.r_onset=1.2",
+    "potential.r_cutoff=1.5",
+    "potential.sigma=1.0",
+    "potential.epsilon=1.0",
+    "minimizer.dt_start=0.005",
+    "minimizer.dt_max=0.02",
+    "minimizer.fmax=1e-12",
+]
+
+
+def test_check_passes_on_a_lennard_jones_crystal_with_a_vacancy(tmp_path, monkeypatch):
+    """``mdsens check -p sigma -p epsilon``: PASS, exit 0, for both parameters."""
+    monkeypatch.chdir(tmp_path)
+    sets = [arg for override in LJ_OVERRIDES for arg in ("--set", override)]
+    relaxed = cli("relax", "--system", "lj-fcc-vacancy", *sets, "--out", "lj")
+    assert relaxed.exit_code == 0, describe(relaxed)
+    result = cli(
+        "check", "--run", "lj", "-p", "sigma", "-p", "epsilon", "--h", 1e-4, "--h", 1e-5, "--no-unroll"
+    )
+    assert result.exit_code == 0, describe(result)
+    assert "PASS" in result.output and "FAIL" not in result.output
+    report = json.loads(Path("lj/check.json").read_text())
+    assert report["passed"] is True
+    entries = report["parameters"]
+    assert list(entries) == ["sigma.Ar", "epsilon.Ar"]
+    for entry in entries.values():
+        assert entry["passed"] is True, entry["reason"]
+        fd = fd_rows(entry["rows"])
+        assert len(fd) == 2 and all(r["contact_changes"] == 0 for r in fd)  # no contact rule for LJ
+        (direct,) = [r for r in entry["rows"] if r["method"].startswith("direct")]
+        assert direct["error"] <= 1e-10
+    # σ: x* moves around the vacancy, and the comparison is not vacuous: central differences
+    # converge as h², 6.7e-7 at h = 1e-4 and 6.3e-9 at 1e-5. ε: E = ε f(x; σ), so x* does not
+    # depend on ε, and every method must agree exactly (error 0: all give 0).
+    sigma = {r["h"]: r["error"] for r in fd_rows(entries["sigma.Ar"]["rows"])}
+    assert sigma[1e-4] > 10 * sigma[1e-5] > 0 and sigma[1e-5] <= 1e-6
+    assert all(r["error"] == 0.0 for r in entries["epsilon.Ar"]["rows"])
