@@ -145,3 +145,21 @@ def _cell(value) -> str:
 
 def mib(n: int | None) -> float | None:
     return None if n is None else n / 2**20
+
+
+def figure(path: Path, draw: Callable, size=(5.5, 4)) -> None:
+    """Draw with ``draw(ax)`` on one Matplotlib axis (Agg, no display) and save a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -171,6 +171,39 @@ def main() -> None:
         f" {every['fd_s']:.3g} s: {every['speedup']:.3g}x"
     )
     common.write(args.out, "finite_differences", out)
+    plot(out, args.out / "finite_differences.png")
+
+
+def plot(out: dict, path) -> None:
+    """Error against wall time: implicit at several CG tolerances, finite differences at several h."""
+
+    def draw(ax):
+        for k, name in enumerate(dict.fromkeys(r["parameter"] for r in out["rows"])):
+            own = [r for r in out["rows"] if r["parameter"] == name]
+            implicit_rows = sorted((r for r in own if "h" not in r), key=lambda r: r["wall_s"])
+            fd = [r for r in own if "h" in r]
+            ax.loglog(
+                [r["wall_s"] for r in implicit_rows],
+                [r["error"] for r in implicit_rows],
+                "o-",
+                color=f"C{k}",
+                label=f"implicit, CG tolerances ({name})",
+            )
+            ax.loglog(
+                [r["wall_s"] for r in fd],
+                [r["error"] for r in fd],
+                "s--",
+                color=f"C{k}",
+                mfc="none",
+                label=f"finite differences, h = 1e-4 … 1e-7 ({name})",
+            )
+        ax.set(
+            xlabel="wall time per parameter (s)",
+            ylabel="relative error",
+            title=f"N = {out['N']}: implicit vs central differences",
+        )
+
+    common.figure(path, draw, size=(6.5, 4.5))
 
 
 if __name__ == "__main__":

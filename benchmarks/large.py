@@ -68,6 +68,18 @@ def main() -> None:
         "large",
         {"row": row, "relax_stdout": relax_out, "sensitivity_stdout": sens_out},
     )
+    plot(row, args.out / "large.png")
+
+
+def plot(row: dict, path) -> None:
+    """The two commands' wall times against the 10-minute budget."""
+
+    def draw(ax):
+        ax.barh(["mdsens relax", "mdsens sensitivity"], [row["relax_s"] / 60, row["sensitivity_s"] / 60])
+        ax.axvline(10, color="k", ls="--", label="10 minutes")
+        ax.set(xlabel="wall time (min), from the shell", title=f"N = {row['N']:,} (2-D packing)")
+
+    common.figure(path, draw, size=(6, 2.6))
 
 
 if __name__ == "__main__":

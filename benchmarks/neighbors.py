@@ -86,6 +86,20 @@ def main() -> None:
     print()
     print(common.table(rows, COLUMNS))
     common.write(args.out, "neighbors", {"rows": rows})
+    plot(rows, args.out / "neighbors.png")
+
+
+def plot(rows: list[dict], path) -> None:
+    """Relaxation time against N, all pairs and neighbour list."""
+    ok = [r for r in rows if "speedup" in r]
+
+    def draw(ax):
+        n = [r["N"] for r in ok]
+        ax.loglog(n, [r["all_pairs_relax_s"] for r in ok], "o-", label="all pairs")
+        ax.loglog(n, [r["list_relax_s"] for r in ok], "s-", label="neighbour list")
+        ax.set(xlabel="N", ylabel="relaxation after compilation (s)", title="2-D packing, φ = 0.98")
+
+    common.figure(path, draw)
 
 
 if __name__ == "__main__":

@@ -357,6 +357,25 @@ def main() -> None:
             "note": "shared two-core machine: wall times are noisy; iteration counts are not",
         },
     )
+    plot(rows, args.out / "preconditioner.png")
+
+
+def plot(rows: list[dict], path) -> None:
+    """CG iterations per method and size."""
+    sizes = sorted({r["N"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+
+    def draw(ax):
+        width = 0.8 / len(methods)
+        for k, method in enumerate(methods):
+            counts = [
+                next(r["iterations"] for r in rows if r["N"] == n and r["method"] == method) for n in sizes
+            ]
+            ax.bar([i + k * width for i in range(len(sizes))], counts, width, label=method)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], [f"N = {n}" for n in sizes])
+        ax.set(ylabel="CG iterations to 1e-12", title="preconditioners near jamming (φ = 0.98)")
+
+    common.figure(path, draw)
 
 
 if __name__ == "__main__":
