@@ -28,6 +28,7 @@ from mdsens.system import System
 # A derivative larger than this many box lengths per unit parameter is not physics but a failed
 # solve (an inconsistent system returns values of order 1e18).
 ABSURD_SCALE = 1e8
+ILL_CONDITIONED = 1e7
 
 
 def parameter_names(system: System) -> list[str]:
@@ -202,7 +203,9 @@ def _warnings(rattlers: np.ndarray, spectrum: Spectrum | None, force: float, fma
                 f"{spectrum.extra_zero_modes} zero mode(s) beyond the removed ones: the derivative along"
                 " them is undefined; check with --solver dense"
             )
-        elif spectrum.condition_number > 1e10:
+        # Eigenvalues below 1e-8 × the largest count as zero modes (above), so the ratio stays
+        # below 1e8: warn a decade before that.
+        elif spectrum.condition_number > ILL_CONDITIONED:
             out.append(
                 f"the Hessian is ill-conditioned (condition number {spectrum.condition_number:.2g}):"
                 " relax to a smaller fmax and compare with --solver dense"

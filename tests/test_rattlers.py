@@ -33,7 +33,7 @@ import pytest
 from mdsens import implicit, spectrum
 from mdsens.relaxation import Relaxer
 from mdsens.run import save_relaxation, save_sensitivity
-from mdsens.sensitivity import Sensitivity, optimality_fn, relaxed_positions_fn, unit_tangent
+from mdsens.sensitivity import Sensitivity, _warnings, optimality_fn, relaxed_positions_fn, unit_tangent
 from mdsens.spectrum import Spectrum
 from mdsens.system import build_system, load_system
 
@@ -317,6 +317,18 @@ def test_condition_number_is_a_ratio_of_magnitudes_off_the_zero_modes():
     assert condition([-1e-12, 0.5, 2.0], 10.0, zero_modes=1) == 20.0
     assert condition([0.0, 1e-13], 10.0, zero_modes=2) == float("inf")  # nothing but zero modes
     assert Spectrum([], 0.0, 4, 0, False, "none").condition_number == 1.0  # nothing left to solve
+
+
+def test_the_ill_conditioning_warning_is_reachable_before_the_zero_mode_cut():
+    """Eigenvalues below 1e-8 × the largest are zero modes, so a condition number cannot exceed
+    1e8: the warning must fire below that, and not for a well-conditioned Hessian."""
+    rattlers, relaxed_force, fmax = np.zeros(4, dtype=bool), 1e-13, 1e-12
+
+    def warnings(lowest):
+        return _warnings(rattlers, Spectrum(lowest, 1.0, 2, 0, False, "dense"), relaxed_force, fmax)
+
+    assert any("ill-conditioned" in w for w in warnings([5e-8, 1e-3]))
+    assert warnings([1e-3, 1e-2]) == []
 
 
 SQUARE_SPACING, SQUARE_SIDE = 0.9, 4
