@@ -26,10 +26,11 @@ from pathlib import Path
 import common
 
 
-def _run(command: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes of the child, stdout) of one command; raises on failure."""
+def _run(command: list[str], cwd: Path) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes of the child, stdout) of one command run in ``cwd`` (where
+    it marks its latest run); raises on failure."""
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -43,9 +44,11 @@ def main() -> None:
     run = Path(tempfile.mkdtemp(prefix="mdsens-large-")) / "run"
     try:
         relax_s, relax_rss, relax_out = _run(
-            [mdsens, "relax", "--set", f"n_particles={n}", "--out", str(run)]
+            [mdsens, "relax", "--set", f"n_particles={n}", "--out", str(run)], run.parent
         )
-        sens_s, sens_rss, sens_out = _run([mdsens, "sensitivity", "--run", str(run), "--param", "diameter.B"])
+        sens_s, sens_rss, sens_out = _run(
+            [mdsens, "sensitivity", "--run", str(run), "--param", "diameter.B"], run.parent
+        )
         sensitivity = json.loads((run / "sensitivity.json").read_text())
     finally:
         shutil.rmtree(run.parent, ignore_errors=True)
