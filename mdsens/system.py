@@ -250,7 +250,7 @@ class System:
         reach = self.reach(params)
         box = np.diag(self.cell)
         short = reach > self.pair_list.cutoff
-        full = x is not None and bool(overflowed(self.pair_list.at_jit(jnp.mod(jnp.asarray(x), box))))
+        full = x is not None and bool(overflowed(self.pair_list.at_jit(jnp.asarray(x))))
         if not (short or full):
             return self
         _check_minimum_image(self.space_kind, self.cell, reach)
@@ -261,7 +261,7 @@ class System:
                 f"the interaction range at these parameters ({reach:.4g}) is too large for a neighbour"
                 " list in this cell; build the system with these parameters and neighbors.mode = never"
             )
-        sample = np.mod(self.positions if x is None else np.asarray(x), box)
+        sample = self.positions if x is None else np.asarray(x)
         pair_list = build_pair_list(self.displacement, box, cutoff, settings, sample)
         energy_fn = _listed_energy(
             self.potential, self.overridden, len(self.species), self.settings, pair_list, self.pair_energy_fn
@@ -483,8 +483,7 @@ def build_system(recipe: Recipe) -> System:
     pair_list, pair_energy_fn = None, None
     if use_pair_list(neighbors, len(positions), kind, np.diag(cell), reach):
         cutoff = reach * (1 + neighbors["margin"])
-        wrapped = np.mod(positions, np.diag(cell))
-        pair_list = build_pair_list(displacement, np.diag(cell), cutoff, neighbors, wrapped)
+        pair_list = build_pair_list(displacement, np.diag(cell), cutoff, neighbors, positions)
         pair_energy_fn = build_pair_energy(potential, displacement, types, overridden, settings)
         energy_fn = _listed_energy(potential, overridden, len(species), settings, pair_list, pair_energy_fn)
     elif neighbors["mode"] == "always":
