@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -22,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
+
+from mdsens.measure import best_time, peak_memory  # noqa: F401 - shared with mdsens check and paper
 
 jax.config.update("jax_enable_x64", True)
 
@@ -35,28 +36,6 @@ def arguments(description: str) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and plot go")
     return parser.parse_args()
-
-
-def best_time(fn: Callable, repeats: int = 1):
-    """(result, seconds) of the fastest of ``repeats`` calls, waiting for the device each time."""
-    best, out = math.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return out, best
-
-
-def xla_memory(jitted, *args) -> int | None:
-    """Peak device memory XLA plans for one call (arguments + outputs + temporaries), from the
-    compiled executable: nothing runs, so sizes that would not fit can still be measured."""
-    try:
-        analysis = jitted.lower(*args).compile().memory_analysis()
-    except Exception:  # noqa: BLE001 - a backend without memory accounting reports none
-        return None
-    if analysis is None:
-        return None
-    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
 
 
 def peak_rss() -> int:

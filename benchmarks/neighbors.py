@@ -50,7 +50,7 @@ def timed(n: int, mode: str, fmax: float | None = None) -> dict:
     pair_list = relaxer.system.pair_list
     neighbors = None if pair_list is None else pair_list.allocate(x)
     state, neighbors = relaxer._start(x, neighbors, system.params)
-    memory = common.xla_memory(relaxer._run, state, neighbors, 0, 10, system.params)
+    memory = common.peak_memory(relaxer._run, state, neighbors, 0, 10, system.params)
     return {
         "relax_s": relaxed.wall_time,
         "steps": relaxed.steps,

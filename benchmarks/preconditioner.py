@@ -259,9 +259,9 @@ def measure(n: int, state=None) -> tuple[list[dict], dict]:
     solve_s = {method: [] for method in METHODS}
     for _ in range(REPEATS):
         for method in METHODS:
-            inverse, seconds = common.best_time(setup(method))
+            inverse, seconds = common.best_time(setup(method), 1)
             setup_s[method].append(0.0 if method == "cg" else seconds)
-            solve_s[method].append(common.best_time(solve(method, inverse))[1])
+            solve_s[method].append(common.best_time(solve(method, inverse), 1)[1])
 
     reference, cg_iterations = outputs["cg"]
     cg_s = min(solve_s["cg"])

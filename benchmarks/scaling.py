@@ -71,9 +71,9 @@ def measure(dimension: int, n: int, fmax: float | None = None) -> dict:
     pair_list = relaxer.system.pair_list
     neighbors = None if pair_list is None else pair_list.allocate(x)
     state, neighbors = relaxer._start(x, neighbors, params)
-    relax_memory = common.xla_memory(relaxer._run, state, neighbors, 0, 10, params)
+    relax_memory = common.peak_memory(relaxer._run, state, neighbors, 0, 10, params)
     tangent = unit_tangent(relaxer.system, parameter)
-    sensitivity_memory = common.xla_memory(sensitivity._tangent, x, params, tangent)
+    sensitivity_memory = common.peak_memory(sensitivity._tangent, x, params, tangent)
     return {
         "d": dimension,
         "N": n,

@@ -80,7 +80,7 @@ def unrolled_gradient(n: int, steps: int, fmax: float | None = None) -> dict:
     system, relaxer, _, cotangent = _setup(n, fmax)
     pullback = _unrolled_pullback(system, relaxer, steps)
     compiled = pullback.lower(system.params, cotangent).compile()
-    grad, wall = common.best_time(lambda: compiled(system.params, cotangent))
+    grad, wall = common.best_time(lambda: compiled(system.params, cotangent), 1)
     return {"wall_s": wall, "gradient": _flat(grad).tolist(), "rss_MiB": common.mib(common.peak_rss())}
 
 
@@ -101,10 +101,10 @@ def measure(n: int, fmax: float | None = None, cap: int = CAP) -> dict:
     tangent = jax.tree_util.tree_map(jnp.ones_like, system.params)
     compiled = reverse.lower(x, system.params, cotangent).compile()
     (grad, info), reverse_time = common.best_time(lambda: compiled(x, system.params, cotangent), 3)
-    relax_memory = common.xla_memory(jax.jit(relaxer.solve), system.params, jnp.asarray(system.positions))
-    reverse_memory = common.xla_memory(reverse, x, system.params, cotangent)
-    forward_memory = common.xla_memory(forward, x, system.params, tangent)
-    unrolled_memory = common.xla_memory(
+    relax_memory = common.peak_memory(jax.jit(relaxer.solve), system.params, jnp.asarray(system.positions))
+    reverse_memory = common.peak_memory(reverse, x, system.params, cotangent)
+    forward_memory = common.peak_memory(forward, x, system.params, tangent)
+    unrolled_memory = common.peak_memory(
         _unrolled_pullback(system, relaxer, relaxed.steps), system.params, cotangent
     )
     row = {

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens import implicit
+from mdsens.measure import compiled_memory, peak_memory
 from mdsens.relaxation import Relaxer, RelaxResult, max_force
 from mdsens.sensitivity import (
     Sensitivity,
@@ -67,24 +68,6 @@ class ParameterCheck:
     rows: list[Row] = field(default_factory=list)
     passed: bool = False
     reason: str = ""
-
-
-def _compiled_memory(compiled) -> int | None:
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - a backend without memory accounting reports none
-        return None
-    if analysis is None:
-        return None
-    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
-
-
-def _peak_memory(fn, *args) -> int | None:
-    try:
-        compiled = jax.jit(fn).lower(*args).compile()
-    except Exception:  # noqa: BLE001 - memory is reported where it can be measured, not required
-        return None
-    return _compiled_memory(compiled)
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,7 +113,7 @@ class Checker:
         """Peak memory of ``fn(*args)``, compiled once per ``key``: it depends on the shapes of the
         arguments, which are the same for every parameter and every h."""
         if key not in self._memories:
-            self._memories[key] = _peak_memory(fn, *args)
+            self._memories[key] = peak_memory(fn, *args)
         return self._memories[key]
 
     def _project(self, dx) -> np.ndarray:
@@ -270,7 +253,7 @@ class Checker:
         x, dx = run(system.params, tangent)
         dx = self._project(np.asarray(dx))
         wall = time.perf_counter() - start
-        memory = _compiled_memory(run)
+        memory = compiled_memory(run)
         final = float(max_force(system.force_fn(x, system.params)))
         return Row(
             f"unrolled forward ({steps} steps, max|F| {final:.1e})",

@@ -42,6 +42,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mdsens import atomic, implicit
+from mdsens.measure import best_time, compiled_memory
 from mdsens.plot import plot_run
 from mdsens.relaxation import Relaxer, max_force
 from mdsens.run import save_relaxation, save_sensitivity, versions
@@ -84,29 +85,8 @@ def quick_steps(converged: int) -> list[int]:
     return sorted({10, 100, converged})
 
 
-def _peak_memory(compiled) -> int | None:
-    """Arguments + outputs + temporaries of a compiled computation (XLA's own accounting)."""
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - a backend without memory accounting reports none
-        return None
-    if analysis is None:
-        return None
-    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
-
-
 def _compile(fn, *args):
     return jax.jit(fn).lower(*args).compile()
-
-
-def _best_time(fn, repeats: int = 3):
-    """(result, seconds) of the fastest of ``repeats`` calls, waiting for the device each time."""
-    best, out = math.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return out, best
 
 
 def _relative(dx: np.ndarray, reference: np.ndarray) -> float:
@@ -156,14 +136,14 @@ class _Experiment:
             self.params,
             self.tangent,
         )
-        (dx, info), forward_time = _best_time(lambda: forward(self.x, self.params, self.tangent))
+        (dx, info), forward_time = best_time(lambda: forward(self.x, self.params, self.tangent))
         reverse = _compile(
             lambda x, p, c: implicit.root_vjp(condition, x, p, c, solve, system.nullspace),
             self.x,
             self.params,
             self.cotangent,
         )
-        (params_bar, reverse_info), reverse_time = _best_time(
+        (params_bar, reverse_info), reverse_time = best_time(
             lambda: reverse(self.x, self.params, self.cotangent)
         )
         # Reverse mode gives d(c·x*)/dθ; forward mode gives c·dx*/dθ (c projected: the
@@ -175,11 +155,11 @@ class _Experiment:
             "dx": np.asarray(dx),
             "error": float(self.errors(np.asarray(dx)[None])[0]),
             "forward_wall_time_s": forward_time,
-            "forward_peak_memory_bytes": _peak_memory(forward),
+            "forward_peak_memory_bytes": compiled_memory(forward),
             "forward_iterations": int(info.iterations),
             "forward_residual": float(info.residual),
             "reverse_wall_time_s": reverse_time,
-            "reverse_peak_memory_bytes": _peak_memory(reverse),
+            "reverse_peak_memory_bytes": compiled_memory(reverse),
             "reverse_iterations": int(reverse_info.iterations),
             "reverse_error": abs(got - expected) / abs(expected),
         }
@@ -202,11 +182,11 @@ class _Experiment:
             self.tangent,
             jnp.asarray(1),
         )
-        memory = _peak_memory(compiled)
+        memory = compiled_memory(compiled)
         rows = []
         for steps in steps_list:
             k = jnp.asarray(steps)
-            (x, dx), wall = _best_time(lambda k=k: compiled(self.params, self.tangent, k), repeats)
+            (x, dx), wall = best_time(lambda k=k: compiled(self.params, self.tangent, k), repeats)
             rows.append(
                 {
                     "steps": int(steps),
@@ -253,7 +233,7 @@ class _Experiment:
             _, vjp = jax.vjp(positions, params)
             return vjp(cotangent)[0]
 
-        return _peak_memory(_compile(pullback, self.params, self.cotangent))
+        return compiled_memory(_compile(pullback, self.params, self.cotangent))
 
     # -- finite differences -----------------------------------------------------------------
     def finite_differences(self, steps: Sequence[float], repeats: int = 1) -> tuple[list[dict], int | None]:
@@ -286,7 +266,7 @@ class _Experiment:
                     "steps_minus": minus.steps,
                 }
             )
-        memory = _peak_memory(_compile(self.relaxer.solve, self.params, self.x))
+        memory = compiled_memory(_compile(self.relaxer.solve, self.params, self.x))
         return rows, memory
 
 
