@@ -67,16 +67,17 @@ class Potential:
     pair_fn: Callable
     doc: str
     settings: dict[str, float] = field(default_factory=dict)
-    contact: str | None = None
-    """Parameter whose pair value is the contact distance of a finite-range repulsion (two
-    particles touch when closer); ``None`` where contacts are not defined. Used to find rattlers."""
-    length: str = "sigma"
-    """Parameter whose pair value sets the interaction range: the range is its largest pair value
-    times the ``r_cutoff`` setting (1 where the potential has none)."""
+    contact_parameter: str | None = None
+    """Name of the parameter whose pair value is the contact distance of a finite-range
+    repulsion (two particles touch when closer); ``None`` where contacts are not defined. Used
+    to find rattlers (:mod:`mdsens.contacts`)."""
+    range_parameter: str = "sigma"
+    """Name of the parameter whose pair value sets the interaction range: the range is its
+    largest pair value times the ``r_cutoff`` setting (1 where the potential has none)."""
 
     def reach(self, tables: dict, settings: dict):
         """Interaction range: no pair interacts beyond it (``inf`` without a cutoff). Traceable."""
-        return jnp.max(tables[self.length]) * settings.get("r_cutoff", 1.0)
+        return jnp.max(tables[self.range_parameter]) * settings.get("r_cutoff", 1.0)
 
 
 def _switch(r, sigma, onset: float, cutoff: float):
@@ -148,8 +149,8 @@ POTENTIALS: dict[str, Potential] = {
         },
         pair_fn=_soft_sphere,
         doc="U(r) = ε/α (1 − r/σ_ij)^α for r < σ_ij, 0 beyond (finite range, repulsive)",
-        contact="diameter",
-        length="diameter",
+        contact_parameter="diameter",
+        range_parameter="diameter",
     ),
     "lennard_jones": Potential(
         name="lennard_jones",

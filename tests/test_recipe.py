@@ -19,7 +19,8 @@ from mdsens.recipe import (
     load_recipe,
     resolve,
 )
-from mdsens.system import build_system, load_system, species_counts
+from mdsens.structures import species_counts
+from mdsens.system import build_system, load_system
 
 SHIPPED = Path(__file__).parents[1] / "systems" / "binary-packing.toml"
 
