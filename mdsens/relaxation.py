@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -54,7 +54,7 @@ class RelaxResult:
 
     @property
     def energy_increased(self) -> bool:
-        return rose(self.initial_energy, self.energy)
+        return energy_rose(self.initial_energy, self.energy)
 
     def require_converged(self) -> None:
         """Raise :class:`NotConvergedError` unless the relaxation reached ``fmax``."""
@@ -70,7 +70,7 @@ class RelaxResult:
             )
 
 
-def rose(before: float, after: float) -> bool:
+def energy_rose(before: float, after: float) -> bool:
     """Whether an energy rose beyond round-off: a minimiser must not end above its start."""
     return after > before + 1e-9 * max(1.0, abs(before))
 
@@ -120,29 +120,50 @@ def _minimizer(system: System, settings: dict[str, Any]):
     raise ValueError(f"unknown minimizer {name!r}")
 
 
+@dataclass(frozen=True, eq=False)
 class Relaxer:
     """Relaxation of one system, compiled once and reused for any parameters and start.
 
+    An immutable value, safe to share: nothing is assigned to it after construction, and its
+    compiled functions close over local values, never over the engine. ``fmax`` and
+    ``max_steps`` are defaults that each :meth:`relax` call may override.
+
     With a neighbour list (:mod:`mdsens.neighbors`) the list travels with the minimiser's state
-    and is brought up to date before every step; a list that overflows is reallocated larger
-    and the chunk of steps redone, and parameters whose interaction range exceeds the list's
-    cutoff get a system with a longer one (one more compilation).
+    and is brought up to date before every step; a list that overflows is reallocated larger for
+    that relaxation and the chunk of steps redone. Parameters whose interaction range exceeds the
+    list's cutoff need a system with a longer one: :meth:`for_params` builds that engine (one
+    more compilation); :meth:`relax` builds it for the one call when it is given such parameters.
 
     Args:
         system: the system (its recipe's ``minimizer`` table gives the method and tolerances).
-        fmax: force tolerance; defaults to the recipe's ``minimizer.fmax``.
-        max_steps: step cap; defaults to the recipe's ``minimizer.max_steps``.
+        fmax: default force tolerance; defaults to the recipe's ``minimizer.fmax``.
+        max_steps: default step cap; defaults to the recipe's ``minimizer.max_steps``.
     """
 
-    def __init__(self, system: System, fmax: float | None = None, max_steps: int | None = None):
+    system: System = field(repr=False)
+    fmax: float | None = None
+    max_steps: int | None = None
+    name: str = field(init=False)
+    solve: Callable = field(init=False, repr=False)
+    """Pure-JAX ``solve(params, x0) -> x*`` for :func:`mdsens.implicit.implicit_root`, with the
+    engine's ``fmax`` and ``max_steps`` (NaN if the neighbour list overflows or θ reaches beyond
+    its cutoff: inside ``jit`` it cannot be reallocated)."""
+    _start: Callable = field(init=False, repr=False)
+    _run: Callable = field(init=False, repr=False)
+    _steppers: tuple = field(init=False, repr=False)
+    _positions_of: Callable = field(init=False, repr=False)
+    _forces_of: Callable = field(init=False, repr=False)
+    _energy: Callable = field(init=False, repr=False)
+    _max_force: Callable = field(init=False, repr=False)
+    _neighbors0: Any = field(init=False, repr=False)
+
+    def __post_init__(self):
+        system = self.system
         settings = system.recipe["minimizer"]
-        self.system = system
-        self.name = settings["name"]
-        self.fmax = float(settings["fmax"] if fmax is None else fmax)
-        self.max_steps = int(settings["max_steps"] if max_steps is None else max_steps)
+        fmax = float(settings["fmax"] if self.fmax is None else self.fmax)
+        max_steps = int(settings["max_steps"] if self.max_steps is None else self.max_steps)
         init_fn, step_fn, positions_of, forces_of = _minimizer(system, settings)
         pair_list = system.pair_list
-        fmax_ = self.fmax
 
         def refresh(x, neighbors):
             return None if pair_list is None else pair_list.update(x, neighbors)
@@ -150,10 +171,10 @@ class Relaxer:
         def pairs_of(neighbors):
             return None if neighbors is None else neighbors.idx
 
-        def run(state, neighbors, steps, cap, params):
+        def run(state, neighbors, steps, cap, fmax, params):
             def cond(carry):
                 state, _, k = carry
-                return (max_force(forces_of(state)) > fmax_) & (k < cap)
+                return (max_force(forces_of(state)) > fmax) & (k < cap)
 
             def body(carry):
                 state, neighbors, k = carry
@@ -166,41 +187,53 @@ class Relaxer:
             neighbors = refresh(x, neighbors)
             return init_fn(x, pairs_of(neighbors), params), neighbors
 
-        self._start = jax.jit(start)
-        self._run = jax.jit(run)
-        self._minimizer = init_fn, step_fn, refresh, pairs_of
-        self.positions_of = positions_of
-        self._forces_of = forces_of
-        self._energy = jax.jit(system.energy_fn)
-        self._max_force = jax.jit(lambda x, params: max_force(system.force_fn(x, params)))
-        # The list solve() starts from: its capacity is fixed inside jit.
-        self._neighbors0 = None if pair_list is None else pair_list.allocate(self._wrap(system.positions))
+        # The list every relaxation starts from, sized once here: its capacity is a shape of the
+        # compiled loop, so one list means one compilation.
+        neighbors0 = None if pair_list is None else pair_list.allocate(system.positions)
 
         def solve(params, x0):
-            state, neighbors = start(x0, self._neighbors0, params)
-            state, neighbors, _ = run(state, neighbors, 0, self.max_steps, params)
+            state, neighbors = start(x0, neighbors0, params)
+            state, neighbors, _ = run(state, neighbors, 0, max_steps, fmax, params)
             x = positions_of(state)
             if neighbors is None:
                 return x
             reach = system.potential.reach(system.pair_values(params), system.settings)
             return jnp.where(overflowed(neighbors) | (reach > pair_list.cutoff), jnp.nan, x)
 
-        self.solve: Callable = solve
-        """Pure-JAX ``solve(params, x0) -> x*`` for :func:`mdsens.implicit.implicit_root` (NaN
-        if the neighbour list overflows or θ reaches beyond its cutoff: inside ``jit`` it cannot
-        be reallocated)."""
+        # A frozen dataclass is assigned its derived fields here, once, and never after.
+        for key, value in {
+            "fmax": fmax,
+            "max_steps": max_steps,
+            "name": settings["name"],
+            "solve": solve,
+            "_start": jax.jit(start),
+            "_run": jax.jit(run),
+            "_steppers": (init_fn, step_fn, refresh, pairs_of),
+            "_positions_of": positions_of,
+            "_forces_of": forces_of,
+            "_energy": jax.jit(system.energy_fn),
+            "_max_force": jax.jit(lambda x, params: max_force(system.force_fn(x, params))),
+            "_neighbors0": neighbors0,
+        }.items():
+            object.__setattr__(self, key, value)
 
-    def _wrap(self, x):
-        """Positions inside the periodic box, where a cell list expects them."""
-        x = np.asarray(x, dtype=np.float64)
-        return np.mod(x, self.system.box) if self.system.pair_list is not None else x
+    def for_params(self, params: dict, x=None) -> Relaxer:
+        """This engine, or a new one (same defaults) whose neighbour list reaches far enough for
+        ``params`` and has room for the pairs at ``x`` (see :meth:`mdsens.system.System.for_params`).
+
+        Build it once to relax many times at such parameters: :meth:`relax` otherwise builds
+        (and compiles) a new engine on every call.
+        """
+        system = self.system.for_params(params, x)
+        return self if system is self.system else Relaxer(system, self.fmax, self.max_steps)
 
     def unrolled(self):
         """``(init(x, params), step(state, params), positions(state))`` of the minimiser, one step
         at a time, for differentiating through the unrolled minimiser (what implicit
         differentiation avoids). From the system's initial positions it takes exactly the steps
         :meth:`relax` takes: a neighbour list travels in the state and is updated the same way."""
-        init_fn, step_fn, refresh, pairs_of = self._minimizer
+        init_fn, step_fn, refresh, pairs_of = self._steppers
+        positions_of = self._positions_of
         neighbors0 = self._neighbors0
 
         def init(x, params):
@@ -209,54 +242,63 @@ class Relaxer:
 
         def step(state, params):
             state, neighbors = state
-            neighbors = refresh(self.positions_of(state), neighbors)
+            neighbors = refresh(positions_of(state), neighbors)
             return step_fn(state, pairs_of(neighbors), params), neighbors
 
-        return init, step, lambda state: self.positions_of(state[0])
+        return init, step, lambda state: positions_of(state[0])
 
     def relax(
         self,
         params: dict | None = None,
         x0=None,
         progress: Callable[[int, float], None] | None = None,
+        *,
+        fmax: float | None = None,
+        max_steps: int | None = None,
     ) -> RelaxResult:
         """Relax from ``x0`` (default: the system's initial positions) at ``params`` (default θ).
 
+        ``fmax`` and ``max_steps`` override the engine's for this call only.
         ``progress(steps, max_force)`` is called after every chunk of steps. Never raises on
         non-convergence: check ``result.converged`` or call ``result.require_converged()``.
         """
         params = self.system.params if params is None else params
-        covering = self.system.covering(params)
-        if covering is not self.system:
-            self.__init__(covering, self.fmax, self.max_steps)
+        x0 = self.system.positions if x0 is None else x0
+        fmax = self.fmax if fmax is None else float(fmax)
+        max_steps = self.max_steps if max_steps is None else int(max_steps)
+        return self.for_params(params, x0)._relax(params, x0, progress, fmax, max_steps)
+
+    def _relax(self, params, x0, progress, fmax: float, max_steps: int) -> RelaxResult:
+        """:meth:`relax` on this engine, whose list covers ``params`` and ``x0``."""
         pair_list = self.system.pair_list
-        x0 = self._wrap(self.system.positions if x0 is None else x0)
         start = time.perf_counter()
         x0 = jnp.asarray(x0, dtype=jnp.float64)
+        if pair_list is not None:
+            x0 = jnp.mod(x0, pair_list.box)  # where a cell list expects positions
         initial_energy = float(self._energy(x0, params))
-        # Every relaxation starts from the same list object (updated to x0), so that its static
-        # structure, and with it the compiled loop, is reused; a list is replaced only when it
-        # overflows, and the larger one is kept for the next relaxations.
+        # Every relaxation starts from the engine's list (updated to x0), so that its static
+        # structure, and with it the compiled loop, is reused; a list that overflows is replaced
+        # by a larger one for the rest of this relaxation only.
         neighbors = self._neighbors0
         state, neighbors = self._start(x0, neighbors, params)
         while neighbors is not None and bool(overflowed(neighbors)):
-            neighbors = self._neighbors0 = pair_list.grow(x0, neighbors)
+            neighbors = pair_list.grow(x0, neighbors)
             state, neighbors = self._start(x0, neighbors, params)
         steps = 0
         while True:
-            cap = min(steps + CHUNK_STEPS, self.max_steps)
-            new_state, new_neighbors, steps_arr = self._run(state, neighbors, steps, cap, params)
+            cap = min(steps + CHUNK_STEPS, max_steps)
+            new_state, new_neighbors, steps_arr = self._run(state, neighbors, steps, cap, fmax, params)
             if new_neighbors is not None and bool(overflowed(new_neighbors)):
                 # The chunk ran with pairs missing: redo it with room for them.
-                neighbors = self._neighbors0 = pair_list.grow(self.positions_of(new_state), neighbors)
+                neighbors = pair_list.grow(self._positions_of(new_state), neighbors)
                 continue
             state, neighbors, steps = new_state, new_neighbors, int(steps_arr)
             force = float(max_force(self._forces_of(state)))
             if progress is not None:
                 progress(steps, force)
-            if force <= self.fmax or steps >= self.max_steps or not np.isfinite(force):
+            if force <= fmax or steps >= max_steps or not np.isfinite(force):
                 break
-        positions = self.positions_of(state)
+        positions = self._positions_of(state)
         energy = float(self._energy(positions, params))
         if pair_list is not None:
             # The minimiser's last force used the list of the step before; this one is exact.
@@ -266,10 +308,10 @@ class Relaxer:
             energy=energy,
             max_force=force,
             steps=steps,
-            converged=force <= self.fmax and not rose(initial_energy, energy),
+            converged=force <= fmax and not energy_rose(initial_energy, energy),
             wall_time=time.perf_counter() - start,
             minimizer=self.name,
-            fmax=self.fmax,
+            fmax=fmax,
             initial_energy=initial_energy,
         )
 

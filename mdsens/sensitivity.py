@@ -2,17 +2,19 @@
 
 Parameters are addressed by name: ``diameter`` (every species), ``diameter.B`` (one species), and
 the potential's global parameters (``epsilon``, ``alpha``). For each scalar parameter θ this
-module gives dx*/dθ (shape (N, d), rigid translation removed) by forward-mode implicit
-differentiation of F(x, θ) = ∇ₓE(x, θ) = 0, and dE*/dθ = ∂E/∂θ at x* (envelope theorem: no
-solve). :func:`relaxed_positions_fn` gives the differentiable x*(θ) for use in the user's own JAX
-code.
+module gives dx*/dθ (shape (N, d)) by forward-mode implicit differentiation of
+F(x, θ) = ∇ₓE(x, θ) = 0, with the Hessian's zero modes removed (rigid translations, rotations of
+a free cluster, every degree of freedom of the rattlers: see
+:meth:`mdsens.system.System.nullspace`), and dE*/dθ = ∂E/∂θ at x* (envelope theorem: no solve).
+:func:`relaxed_positions_fn` gives the differentiable x*(θ) for use in the user's own JAX code.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -152,17 +154,17 @@ def relaxed_positions_fn(system: System, relaxer: Relaxer | None = None, solver:
     Composes with ``jax.jvp``, ``jax.jacfwd``, ``jax.vjp``, ``jax.grad``, ``jax.jacrev``,
     ``jax.vmap`` and ``jax.jit``. The minimiser runs on the forward pass and is never
     differentiated; derivatives come from the implicit function theorem at the relaxed state,
-    with rigid translations removed (the minimum-norm derivative). ``x0`` (default: the
-    system's initial positions) is where the minimiser starts; pass a relaxed state to
-    warm-start.
+    with the zero modes removed (rigid motions and rattlers: the minimum-norm derivative).
+    ``x0`` (default: the system's initial positions) is where the minimiser starts; pass a
+    relaxed state to warm-start.
 
     Limits: the derivative assumes the minimiser converged (a relaxation stopped at its step
     cap gives a wrong derivative; check with :func:`mdsens.relaxation.Relaxer.relax` first); it is
     undefined where the contact network changes; second derivatives are not supported. With a
     neighbour list (:mod:`mdsens.neighbors`) its size and cutoff are fixed when this function is
     built: parameters whose interaction range exceeds the cutoff (the recipe's range + 10 %), or a
-    state with more pairs than the list holds, give NaN rather than a wrong number; build the
-    system at the new parameters then.
+    state with more pairs than the list holds, give NaN rather than a wrong number; then pass
+    ``relaxer.for_params(params, x)`` and its system.
     """
     relaxer = Relaxer(system) if relaxer is None else relaxer
     # jit here so that eager use (no jit around the user's code) compiles once, not per call.
@@ -220,12 +222,12 @@ class ParameterSensitivity:
     Attributes:
         name: parameter name (``diameter.B``).
         value: θ at which the derivative was taken.
-        dx: dx*/dθ, shape (N, d), rigid translation removed.
+        dx: dx*/dθ, shape (N, d), zero modes removed (rigid motions; rattlers' rows are 0).
         denergy: dE*/dθ (envelope theorem).
         solver: ``cg`` or ``dense``.
         iterations: linear-solver iterations.
         residual: relative residual of the linear solve.
-        converged: whether the solve reached its tolerance.
+        converged: whether the solve was accepted (:attr:`mdsens.implicit.SolveInfo.converged`).
         wall_time: seconds for this parameter (compilation included for the first).
     """
 
@@ -261,29 +263,50 @@ class SensitivityResult:
     warnings: list[str]
 
 
+@dataclass(frozen=True, eq=False)
 class Sensitivity:
     """Forward-mode implicit sensitivities of one system, compiled once for every parameter.
+
+    An immutable value, safe to share, like :class:`mdsens.relaxation.Relaxer`.
 
     Args:
         system: the system.
         solver: ``cg`` (matrix-free, default from the recipe) or ``dense``.
     """
 
-    def __init__(self, system: System, solver: str | None = None):
-        self.system = system
-        self.solver = system.recipe["sensitivity"]["solver"] if solver is None else solver
-        linear_solve = linear_solve_from_recipe(system, self.solver)
+    system: System = field(repr=False)
+    solver: str | None = None
+    _tangent: Callable = field(init=False, repr=False)
+    _denergy: Callable = field(init=False, repr=False)
+    _forces: Callable = field(init=False, repr=False)
+    _nullspace: Callable = field(init=False, repr=False)
+    _rattlers: Callable = field(init=False, repr=False)
+
+    def __post_init__(self):
+        system = self.system
+        solver = system.recipe["sensitivity"]["solver"] if self.solver is None else self.solver
+        linear_solve = linear_solve_from_recipe(system, solver)
         condition = optimality_fn(system)
-        self._tangent = jax.jit(
-            lambda x, params, direction: implicit.root_jvp(
-                condition, x, params, direction, linear_solve, system.nullspace
-            )
-        )
-        self._denergy = jax.jit(jax.grad(system.energy_fn, argnums=1))
-        self._forces = jax.jit(system.force_fn)
-        self._nullspace = jax.jit(system.nullspace)
-        self._rattlers = jax.jit(system.rattlers)
-        self._hessian = optimality_fn(system)
+        # A frozen dataclass is assigned its derived fields here, once, and never after.
+        for key, value in {
+            "solver": solver,
+            "_tangent": jax.jit(
+                lambda x, params, direction: implicit.root_jvp(
+                    condition, x, params, direction, linear_solve, system.nullspace
+                )
+            ),
+            "_denergy": jax.jit(jax.grad(system.energy_fn, argnums=1)),
+            "_forces": jax.jit(system.force_fn),
+            "_nullspace": jax.jit(system.nullspace),
+            "_rattlers": jax.jit(system.rattlers),
+        }.items():
+            object.__setattr__(self, key, value)
+
+    def for_params(self, params: dict, x) -> Sensitivity:
+        """This engine, or a new one whose neighbour list reaches far enough for ``params`` and
+        has room for the pairs at ``x`` (see :meth:`mdsens.system.System.for_params`)."""
+        system = self.system.for_params(params, x)
+        return self if system is self.system else Sensitivity(system, self.solver)
 
     def compute(
         self,
@@ -298,7 +321,9 @@ class Sensitivity:
 
         The force at ``relaxed`` is recomputed here rather than trusted from a file. With
         ``spectrum``, the lowest Hessian eigenvalues are computed too (dense up to
-        :data:`mdsens.spectrum.DENSE_LIMIT` degrees of freedom, Lanczos beyond).
+        :data:`mdsens.spectrum.DENSE_SPECTRUM_LIMIT` degrees of freedom, Lanczos beyond). When
+        ``params`` or the state need a longer neighbour list, the engine of
+        :meth:`for_params` computes them (build that once to compute many times there).
 
         Raises:
             UserError: unknown parameter name.
@@ -309,9 +334,12 @@ class Sensitivity:
         """
         params = self.system.params if params is None else params
         positions = relaxed.positions if isinstance(relaxed, RelaxResult) else relaxed
-        covering = self.system.covering(params, positions)
-        if covering is not self.system:
-            self.__init__(covering, self.solver)
+        return self.for_params(params, positions)._compute(
+            positions, names, params, allow_unconverged, progress, spectrum
+        )
+
+    def _compute(self, positions, names, params, allow_unconverged, progress, spectrum) -> SensitivityResult:
+        """:meth:`compute` on this engine, whose list covers ``params`` and ``positions``."""
         system = self.system
         names = expand_parameters(system, names)
         x = jnp.asarray(positions, dtype=jnp.float64)
@@ -362,7 +390,7 @@ class Sensitivity:
         rattlers = np.asarray(self._rattlers(x, params))
         lowest = None
         if spectrum:
-            matvec = implicit.hessian_matvec(self._hessian, x, params)
+            matvec = implicit.hessian_matvec(optimality_fn(system), x, params)
             lowest = lowest_eigenvalues(matvec, x.size, nullspace)
         return SensitivityResult(
             parameters=out,

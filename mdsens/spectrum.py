@@ -23,7 +23,7 @@ import scipy.sparse.linalg
 
 from mdsens.implicit import Matvec, NullSpace, project_out
 
-DENSE_LIMIT = 1024  # degrees of freedom up to which the operator is diagonalised densely
+DENSE_SPECTRUM_LIMIT = 1024  # degrees of freedom up to which the operator is diagonalised densely
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def lowest_eigenvalues(
         )
     projected = jax.jit(lambda v: project_out(nullspace, matvec(project_out(nullspace, v))))
     k = max(1, min(k, n - removed))
-    if n <= DENSE_LIMIT:
+    if n <= DENSE_SPECTRUM_LIMIT:
         matrix = np.asarray(jax.lax.map(projected, jnp.eye(n), batch_size=32))
         values = np.linalg.eigvalsh(0.5 * (matrix + matrix.T))
         # The projection leaves exactly `removed` zero eigenvalues; drop those closest to zero.

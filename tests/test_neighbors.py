@@ -96,18 +96,22 @@ def test_a_list_that_overflows_is_reallocated_and_the_steps_redone(packing, monk
 
 def test_a_parameter_beyond_the_cutoff_gets_a_longer_list(packing):
     """diameter.A + 20 % (beyond the 10 % margin): the energy of the original list says NaN
-    rather than miss pairs, and the relaxer rebuilds its list and matches all pairs."""
+    rather than miss pairs; the relaxer relaxes there with a longer list (for that call, leaving
+    itself as it was) and matches all pairs, and so does the engine for_params builds."""
     dense, listed, relaxed = packing
     bigger = jax.tree_util.tree_map(lambda p, t: p + 0.2 * t, dense.params, unit_tangent(dense, "diameter.A"))
     x = jnp.asarray(relaxed.positions)
     assert np.isnan(float(listed.energy_fn(x, bigger)))
     relaxer = Relaxer(listed)
     result = relaxer.relax(bigger, x0=relaxed.positions)
-    assert relaxer.system.pair_list.cutoff > listed.pair_list.cutoff
-    assert relaxer.system.pair_list.cutoff >= listed.reach(bigger)
+    assert relaxer.system is listed
+    longer = relaxer.for_params(bigger, relaxed.positions)
+    assert longer.system.pair_list.cutoff > listed.pair_list.cutoff
+    assert longer.system.pair_list.cutoff >= listed.reach(bigger)
     reference = Relaxer(dense).relax(bigger, x0=relaxed.positions)
     assert result.converged and reference.converged
     assert result.energy == pytest.approx(reference.energy, rel=1e-10)
+    np.testing.assert_array_equal(longer.relax(bigger, x0=relaxed.positions).positions, result.positions)
 
 
 def test_auto_mode_switches_at_the_documented_particle_count():

@@ -296,7 +296,7 @@ def test_dense_spectrum_is_numpys_eigvalsh_without_the_translations(packing_hess
 def test_lanczos_spectrum_agrees_with_dense(packing_hessian, monkeypatch):
     matvec, n, nullspace, _ = packing_hessian
     dense = spectrum.lowest_eigenvalues(matvec, n, nullspace)
-    monkeypatch.setattr(spectrum, "DENSE_LIMIT", 0)
+    monkeypatch.setattr(spectrum, "DENSE_SPECTRUM_LIMIT", 0)
     lanczos = spectrum.lowest_eigenvalues(matvec, n, nullspace)
     assert lanczos.method == "lanczos" and lanczos.removed == 2
     np.testing.assert_allclose(lanczos.lowest[:3], dense.lowest[:3], rtol=1e-6)
