@@ -9,18 +9,21 @@ A run directory ``RUN/`` holds
 * ``sensitivity.npz`` / ``sensitivity.json`` / ``sensitivity.extxyz`` — dx*/dθ per parameter,
   energy sensitivities and diagnostics, and the same vectors as per-atom arrays.
 
-Every file is written atomically. Writing a new relaxation removes the sensitivity files and
-figures of the previous one, so a directory never mixes two states.
+Every file is written atomically, and a stage's files are renamed into place together. Writing a
+new relaxation first removes everything made from the previous one (sensitivity files,
+``check.json``, ``export.*``, figures), and writing sensitivities first removes the figures, so a
+directory never mixes two states, even when a command is interrupted. The files are read back by
+:mod:`mdsens.run_files`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import os
 import platform
-import tomllib
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -33,15 +36,18 @@ import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from mdsens import atomic
-from mdsens.errors import READ_ERRORS, UserError
+from mdsens.errors import UserError
 from mdsens.recipe import dump_recipe
 from mdsens.relaxation import RelaxResult
+from mdsens.run_files import read_recipe, read_relaxed, run_directory
 from mdsens.sensitivity import SensitivityResult, parameter_names, parameter_value
 from mdsens.system import System, build_system
 
 RESULTS = Path("results")
 LATEST = ".latest-run"
-DOWNSTREAM_GLOBS = ("sensitivity.*", "*.png")
+# Files made from a run's sensitivities (the figures), and from its relaxation (all of them).
+FIGURE_GLOBS = ("*.png",)
+DOWNSTREAM_GLOBS = ("sensitivity.*", "check.json", "export.*", *FIGURE_GLOBS)
 
 
 def default_run_dir(system: System) -> Path:
@@ -50,7 +56,9 @@ def default_run_dir(system: System) -> Path:
 
 
 def latest_run() -> Path:
-    """The run written most recently from this working directory.
+    """The run that commands without ``--run`` use: the one ``results/.latest-run`` names
+    (:func:`mark_latest`; ``mdsens relax`` marks its run), else the one under ``results/`` whose
+    ``relaxed.npz`` was written last.
 
     Raises:
         UserError: no run has been written here yet.
@@ -104,12 +112,13 @@ def _vectors3(vectors: np.ndarray) -> np.ndarray:
 def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxResult) -> Path:
     """Write ``system.toml``, ``relaxed.npz`` and ``relaxed.extxyz``; return the run directory.
 
-    Removes the previous run's sensitivity files and figures from ``run_dir``.
+    What the previous relaxation in ``run_dir`` led to (sensitivity files, ``check.json``,
+    ``export.*``, figures) is removed before the new files are moved in. This does not mark the
+    run as the latest one (see :func:`mark_latest`).
     """
     run = default_run_dir(system) if run_dir is None else Path(run_dir)
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} exists and is not a directory")
-    run.mkdir(parents=True, exist_ok=True)
     forces = np.asarray(jax.jit(system.force_fn)(result.positions, system.params))
     record = {
         "energy": result.energy,
@@ -127,17 +136,42 @@ def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxRes
     atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=_vectors3(forces))
     arrays = {"positions": result.positions, "types": system.types, "cell": system.cell, "pbc": system.pbc}
     arrays.update({key: np.asarray(value) for key, value in record.items()})
-    atomic.write_all(
-        {
-            run / "system.toml": lambda tmp: tmp.write_text(dump_recipe(system.recipe)),
-            run / "relaxed.npz": lambda tmp: np.savez(tmp, **arrays),
-            run / "relaxed.extxyz": lambda tmp: ase.io.write(tmp, atoms, format="extxyz"),
-        }
-    )
-    for pattern in DOWNSTREAM_GLOBS:
+    contents = {
+        "system.toml": dump_recipe(system.recipe).encode(),
+        "relaxed.npz": _npz_bytes(arrays),
+        "relaxed.extxyz": _extxyz_bytes(atoms),
+    }
+    _replace_stage(run, contents, DOWNSTREAM_GLOBS)
+    return run
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _extxyz_bytes(atoms: ase.Atoms) -> bytes:
+    buffer = io.StringIO()
+    ase.io.write(buffer, atoms, format="extxyz")
+    return buffer.getvalue().encode()
+
+
+def _replace_stage(run: Path, contents: dict[str, bytes], stale_globs: tuple[str, ...]) -> None:
+    """Remove the files of ``run`` that ``stale_globs`` match, then write ``contents`` (file name
+    -> bytes) atomically.
+
+    The contents are complete before anything on disk changes, so a failing writer leaves the
+    directory as it was; the stale files go before the new ones come in, so an interruption
+    leaves the previous state without its downstream files, never beside them.
+    """
+    run.mkdir(parents=True, exist_ok=True)
+    for pattern in stale_globs:
         for stale in run.glob(pattern):
             stale.unlink()
-    return run
+    atomic.write_all(
+        {run / name: (lambda tmp, data=data: tmp.write_bytes(data)) for name, data in contents.items()}
+    )
 
 
 def mark_latest(run_dir: str | Path) -> None:
@@ -146,29 +180,21 @@ def mark_latest(run_dir: str | Path) -> None:
 
 
 def load_run(run_dir: str | Path | None = None) -> tuple[System, RelaxResult, Path]:
-    """Read a run directory (default: the latest run): its system, relaxed state and path.
+    """Read a run directory (default: :func:`latest_run`): its system, relaxed state and path.
+
+    The System is rebuilt from ``system.toml``; the relaxed state is that of ``relaxed.npz``.
 
     Raises:
         UserError: missing directory or file, unreadable or inconsistent files.
     """
-    run = latest_run() if run_dir is None else Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"no run directory {run}")
-    for name in ("system.toml", "relaxed.npz"):
-        if not (run / name).is_file():
-            raise UserError(f"{run / name} is missing: is {run} a run of `mdsens relax`?")
+    run = run_directory(latest_run() if run_dir is None else run_dir)
+    recipe = read_recipe(run)
+    positions, stored = read_relaxed(run)
     try:
-        recipe = tomllib.loads((run / "system.toml").read_text())
-    except (*READ_ERRORS, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {run / 'system.toml'}: {error}") from None
-    system = build_system(recipe)
-    try:
-        with np.load(run / "relaxed.npz") as data:
-            stored = {key: data[key] for key in data.files}
-        positions = np.asarray(stored["positions"], dtype=np.float64)
         result = _relax_result(positions, stored)
-    except READ_ERRORS as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"cannot read {run / 'relaxed.npz'}: {type(error).__name__} {error}") from None
+    system = build_system(recipe)
     if positions.shape != system.positions.shape:
         raise UserError(
             f"{run / 'relaxed.npz'} holds positions of shape {positions.shape}, but system.toml"
@@ -197,11 +223,11 @@ def _property_name(parameter: str) -> str:
 
 
 def save_sensitivity(run_dir: str | Path, system: System, result: SensitivityResult) -> list[Path]:
-    """Write ``sensitivity.npz``, ``sensitivity.json`` and ``sensitivity.extxyz`` into ``run_dir``."""
-    run = Path(run_dir)
+    """Write ``sensitivity.npz``, ``sensitivity.json`` and ``sensitivity.extxyz`` into ``run_dir``
+    (a run of :func:`save_relaxation`), after removing its figures; return their paths."""
+    run = run_directory(run_dir)
     entries = result.parameters
-    with np.load(run / "relaxed.npz") as data:
-        positions = data["positions"]
+    positions, _ = read_relaxed(run)
     atoms = _atoms(system, positions)
     for name, entry in entries.items():
         atoms.new_array(_property_name(name), _vectors3(entry.dx))
@@ -239,17 +265,13 @@ def save_sensitivity(run_dir: str | Path, system: System, result: SensitivityRes
         },
         "versions": versions(),
     }
-    paths = [run / "sensitivity.npz", run / "sensitivity.json", run / "sensitivity.extxyz"]
-    atomic.write_all(
-        {
-            paths[0]: lambda tmp: np.savez(tmp, **{k: v.dx for k, v in entries.items()}),
-            paths[1]: lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"),
-            paths[2]: lambda tmp: ase.io.write(tmp, atoms, format="extxyz"),
-        }
-    )
-    for stale in run.glob("*.png"):
-        stale.unlink()
-    return paths
+    contents = {
+        "sensitivity.npz": _npz_bytes({k: v.dx for k, v in entries.items()}),
+        "sensitivity.json": (json.dumps(summary, indent=2) + "\n").encode(),
+        "sensitivity.extxyz": _extxyz_bytes(atoms),
+    }
+    _replace_stage(run, contents, FIGURE_GLOBS)
+    return [run / name for name in contents]
 
 
 def export_structure(run_dir: str | Path | None, format: str, path: str | Path | None = None) -> Path:

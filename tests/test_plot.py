@@ -1,8 +1,15 @@
-"""Tests of mdsens.plot on small synthetic run directories (no physics is run)."""
+"""Figures of a run (mdsens.plot, mdsens.plot_geometry) on tiny run directories; no physics runs.
+
+The run directories are written once per module the way the relaxation and sensitivity steps
+write them (tests that change files work on copies). Figures are tested by what a reader sees:
+titles, axis labels and scales, arrows, discs, legend entries; one test per kind of figure checks
+the PNG files themselves. tests/test_run.py plots a run written by the library itself.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import ase
 import ase.build
@@ -10,13 +17,23 @@ import ase.cluster
 import ase.io
 import numpy as np
 import pytest
+from matplotlib.collections import EllipseCollection, LineCollection, PathCollection
 from matplotlib.image import imread
+from matplotlib.quiver import Quiver
 from typer.testing import CliRunner
 
 import mdsens.plot
 from mdsens.cli import app
 from mdsens.errors import UserError
-from mdsens.plot import _centre, _distances, _periodic_images, _Run, _species_labels, _view, plot_run
+from mdsens.plot import configuration_figure, distance_figure, histogram_figure, plot_run, run_figures
+from mdsens.plot_geometry import (
+    RunGeometry,
+    distances_from,
+    find_center,
+    periodic_images,
+    select_view,
+)
+from mdsens.run_files import read_run
 
 N = 10
 
@@ -54,6 +71,38 @@ def make_run(run_dir, dim=2, sensitivities=("diameter.A", "epsilon"), species_na
     return positions
 
 
+def geometry(run_dir) -> RunGeometry:
+    return RunGeometry(read_run(run_dir))
+
+
+@pytest.fixture(scope="module")
+def run2d(tmp_path_factory):
+    """A 2-D run with two sensitivities and their values in sensitivity.json (read-only)."""
+    run = tmp_path_factory.mktemp("run2d")
+    make_run(run)
+    values = {"diameter.A": {"value": 1.0}, "epsilon": {"value": 1.5}, "alpha": "not a mapping"}
+    (run / "sensitivity.json").write_text(json.dumps({"parameters": values}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run3d(tmp_path_factory):
+    """A 3-D run with one sensitivity (read-only)."""
+    run = tmp_path_factory.mktemp("run3d")
+    make_run(run, dim=3, sensitivities=("alpha",))
+    return run
+
+
+@pytest.fixture
+def copy2d(run2d, tmp_path):
+    return shutil.copytree(run2d, tmp_path / "run")
+
+
+@pytest.fixture
+def copy3d(run3d, tmp_path):
+    return shutil.copytree(run3d, tmp_path / "run")
+
+
 def assert_png(path):
     assert path.is_file()
     image = imread(path)
@@ -63,53 +112,260 @@ def assert_png(path):
     assert np.mean(image[..., :3].min(axis=2) < 0.9) > 0.01
 
 
-def test_all_parameters_give_one_figure_each_and_a_histogram(tmp_path):
-    make_run(tmp_path)
-    paths = plot_run(tmp_path)
+def title(fig) -> str:
+    return fig.get_suptitle()
+
+
+def legend_entries(ax) -> list[str]:
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def visible_axes(fig) -> list:
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def only(ax, kind):
+    found = [c for c in ax.collections if isinstance(c, kind)]
+    assert len(found) == 1, [type(c).__name__ for c in ax.collections]
+    return found[0]
+
+
+def figures(run_dir, params=None, *, center=None, slice_width=None) -> dict:
+    """The figures plot_run would write, by file name."""
+    run = geometry(run_dir)
+    params = list(run.sensitivities) if params is None else params
+    view = select_view(run, slice_width)
+    return dict(run_figures(run, params, view, find_center(run, center)))
+
+
+# --- the files written ----------------------------------------------------------------------------
+
+
+def test_all_parameters_give_one_figure_each_a_histogram_and_distances(copy2d):
+    paths = plot_run(copy2d)
     names = [
         "sensitivity-diameter.A.png",
         "sensitivity-epsilon.png",
         "sensitivity-histogram.png",
         "sensitivity-distance.png",
     ]
-    assert paths == [tmp_path / name for name in names]
+    assert paths == [copy2d / name for name in names]
     for path in paths:
         assert_png(path)
-    assert not (tmp_path / "configuration.png").exists()
+    assert not (copy2d / "configuration.png").exists()
     # The atomic writer leaves no temporary files behind.
-    assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(copy2d.glob(".*tmp*"))
 
 
-def test_selected_parameter_and_separate_out_dir(tmp_path):
-    make_run(tmp_path / "run")
+def test_selected_parameter_and_separate_out_dir(run2d, tmp_path):
     out = tmp_path / "figures"
-    paths = plot_run(tmp_path / "run", params=["epsilon"], out_dir=out)
+    paths = plot_run(run2d, params=["epsilon"], out_dir=out)
     names = ["sensitivity-epsilon.png", "sensitivity-histogram.png", "sensitivity-distance.png"]
     assert paths == [out / name for name in names]
-    for path in paths:
-        assert_png(path)
-    assert not list((tmp_path / "run").glob("*.png"))
+    assert_png(paths[0])
+    assert not list(run2d.glob("*.png"))
 
 
-def test_unknown_parameter_lists_available_names(tmp_path):
-    make_run(tmp_path)
+def test_without_sensitivities_only_the_configuration(copy2d):
+    (copy2d / "sensitivity.npz").unlink()
+    assert plot_run(copy2d) == [copy2d / "configuration.png"]
+    assert_png(copy2d / "configuration.png")
+    assert not (copy2d / "sensitivity-histogram.png").exists()
+
+
+def test_parameter_names_are_made_file_safe(copy2d):
+    np.savez(copy2d / "sensitivity.npz", **{"sigma.Ar-Kr": np.ones((N, 2)), "a/b c": np.ones((N, 2))})
+    names = list(figures(copy2d))
+    assert names[:2] == ["sensitivity-sigma.Ar-Kr.png", "sensitivity-a_b_c.png"]
+
+
+# --- what the configuration figure shows ----------------------------------------------------------
+
+
+def test_configuration_with_arrows(run2d):
+    run = geometry(run2d)
+    fig = configuration_figure(
+        run, select_view(run, None), find_center(run, None), "epsilon", run.sensitivities["epsilon"]
+    )
+    (ax,) = fig.axes
+    lines = title(fig).splitlines()
+    # The value comes from sensitivity.json; the arrows' scale is stated.
+    assert lines[0] == "dx*/dθ, θ = epsilon = 1.5"
+    longest = np.linalg.norm(run.sensitivities["epsilon"], axis=1).max()
+    assert lines[1] == f"arrow length = {1.0 / longest:.3g} × dx*/dθ (longest |dx*/dθ| = {longest:.3g})"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("x", "y")
+    assert ax.get_aspect() == 1.0
+    # One arrow per atom, drawn at the atoms, the longest one large diameter long.
+    arrows = only(ax, Quiver)
+    assert arrows.N == N
+    np.testing.assert_allclose(arrows.XY, np.mod(run.positions, run.box))
+    assert arrows.scale == pytest.approx(longest / 1.0)
+    # A disc per atom plus its periodic images; the disc in the corner has three.
+    discs = only(ax, EllipseCollection)
+    centers, _ = periodic_images(run, run.wrapped_xy(run.positions3), run.diameters)
+    assert len(discs.get_offsets()) == len(centers) >= N + 3
+    # The box is drawn, and everything in it is in view.
+    assert len(only(ax, LineCollection).get_segments()) == 12
+    low, high = np.array([ax.get_xlim(), ax.get_ylim()]).T
+    assert np.all(low < 0) and np.all(high > run.box)
+    # Species in the legend; the default center of a periodic run (the cell's) is not marked.
+    assert legend_entries(ax) == ["A", "B"]
+    assert ax.get_legend().get_title().get_text() == "species"
+
+
+def test_configuration_without_sensitivities(run2d):
+    run = geometry(run2d)
+    fig = configuration_figure(run, select_view(run, None), find_center(run, None))
+    (ax,) = fig.axes
+    assert title(fig) == f"relaxed configuration, N = {N}"
+    assert not [c for c in ax.collections if isinstance(c, Quiver)]
+    assert legend_entries(ax) == ["A", "B"]
+
+
+def test_zero_sensitivity_draws_no_arrows_and_says_so(run2d):
+    run = geometry(run2d)
+    fig = configuration_figure(run, select_view(run, None), find_center(run, None), "alpha", np.zeros((N, 2)))
+    assert title(fig).splitlines() == ["dx*/dθ, θ = alpha", "dx*/dθ = 0 for every atom shown"]
+    assert not [c for c in fig.axes[0].collections if isinstance(c, Quiver)]
+
+
+def test_a_given_center_is_marked_in_the_legend(run2d):
+    run = geometry(run2d)
+    fig = configuration_figure(run, select_view(run, None), find_center(run, 3))
+    assert legend_entries(fig.axes[0]) == ["A", "B", "atom 3"]
+    (marker,) = fig.axes[0].get_lines()
+    np.testing.assert_allclose(marker.get_xydata(), [run.positions[3]])
+
+
+def test_three_dimensional_projection_and_slice(run3d):
+    drawn = figures(run3d)
+    assert list(drawn) == ["sensitivity-alpha.png", "sensitivity-histogram.png", "sensitivity-distance.png"]
+    projection = drawn["sensitivity-alpha.png"]
+    assert title(projection).splitlines()[1] == f"x-y projection of all {N} atoms"
+    assert title(projection).splitlines()[2].startswith("arrows: x-y components of")
+    assert only(projection.axes[0], Quiver).N == N
+
+    run = geometry(run3d)
+    view = select_view(run, 1.0)
+    # Atom 0 lies outside the slice about z = 1.5: its marker says so.
+    assert not view.shown[0]
+    sliced = figures(run3d, slice_width=1.0, center=0)["sensitivity-alpha.png"]
+    assert title(sliced).splitlines()[1] == view.text
+    assert only(sliced.axes[0], Quiver).N == view.shown.sum()
+    assert (
+        legend_entries(sliced.axes[0])[-1] == f"atom 0\n(z = {run.positions[0, 2]:.3g},\noutside the slice)"
+    )
+
+
+# --- histograms and distances ---------------------------------------------------------------------
+
+
+def test_histogram_panels(run2d):
+    run = geometry(run2d)
+    fig = histogram_figure(run, ["diameter.A", "epsilon"])
+    axes = visible_axes(fig)
+    assert [ax.get_title() for ax in axes] == ["θ = diameter.A", "θ = epsilon"]
+    for ax, param in zip(axes, ["diameter.A", "epsilon"], strict=True):
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("|dx*/dθ|", "atoms")
+        # Values within two decades: a linear axis.
+        assert ax.get_xscale() == "linear"
+        assert legend_entries(ax) == ["A", "B"]
+        # Every atom is counted once, in its species' bars.
+        assert sum(bar.get_height() for bar in ax.patches) == N
+        assert ax.patches[-1].get_x() + ax.patches[-1].get_width() == pytest.approx(
+            np.linalg.norm(run.sensitivities[param], axis=1).max()
+        )
+
+
+def test_values_spanning_decades_get_a_log_scale_that_skips_zeros(copy2d):
+    sens = np.zeros((N, 2))
+    sens[1:, 0] = np.logspace(-8, 0, N - 1)
+    np.savez(
+        copy2d / "sensitivity.npz", alpha=sens, epsilon=np.zeros((N, 2)), beta=np.ones((N, 2)), gamma=sens
+    )
+    drawn = figures(copy2d)
+    histograms = visible_axes(drawn["sensitivity-histogram.png"])
+    # Four panels in a 2 × 3 grid, the other two hidden.
+    assert len(drawn["sensitivity-histogram.png"].axes) == 6 and len(histograms) == 4
+    alpha, epsilon, beta = histograms[:3]
+    assert alpha.get_xscale() == "log"
+    # Atom 0 (species A) has dx*/dθ = 0: there is no place for it on a log axis.
+    assert legend_entries(alpha) == ["A (1 zero, not shown)", "B"]
+    assert sum(bar.get_height() for bar in alpha.patches) == N - 1
+    assert [t.get_text() for t in epsilon.texts] == ["all zero"] and not epsilon.patches
+    assert beta.get_xscale() == "linear"
+
+    distance = visible_axes(drawn["sensitivity-distance.png"])
+    assert distance[0].get_yscale() == "log"
+    # Atom 0, at zero, has no place on the log axis.
+    assert (
+        sum(len(c.get_offsets()) for c in distance[0].collections if isinstance(c, PathCollection)) == N - 1
+    )
+    assert distance[2].get_yscale() == "linear"
+
+
+def test_distances_from_the_cell_center(run2d):
+    run = geometry(run2d)
+    center = find_center(run, None)
+    fig = distance_figure(run, ["epsilon"], center)
+    assert title(fig) == "|dx*/dθ| against distance from cell center (2.5, 2)"
+    (ax,) = visible_axes(fig)
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == (
+        "θ = epsilon",
+        "distance (minimum image)",
+        "|dx*/dθ|",
+    )
+    assert legend_entries(ax) == ["A", "B"]
+    # One point per atom, at its minimum-image distance and |dx*/dθ|.
+    points = np.vstack([c.get_offsets() for c in ax.collections])
+    expected = np.column_stack(
+        [distances_from(run, center.point), np.linalg.norm(run.sensitivities["epsilon"], axis=1)]
+    )
+    order = np.lexsort(expected.T)
+    np.testing.assert_allclose(points[np.lexsort(points.T)], expected[order])
+    assert ax.get_xlim()[0] == 0 and ax.get_ylim()[0] == 0
+
+
+# --- reading the run ------------------------------------------------------------------------------
+
+
+def test_npz_positions_and_json_values_are_used(run2d):
+    positions = np.load(run2d / "relaxed.npz")["positions"]
+    run = geometry(run2d)
+    # Bit-for-bit the npz positions, not the rounded extxyz text.
+    np.testing.assert_array_equal(run.positions, positions)
+    assert run.values == {"diameter.A": 1.0, "epsilon": 1.5}
+    assert run.species == ("A", "B")
+    assert run.sized and set(run.diameters) == {1.0, 0.6}
+
+
+def test_missing_species_names_still_plots(copy2d):
+    atoms = ase.io.read(copy2d / "relaxed.extxyz")
+    del atoms.info["species_names"]
+    ase.io.write(copy2d / "relaxed.extxyz", atoms, format="extxyz")
+    # Two types, all atoms of the placeholder symbol X: named by their type.
+    assert geometry(copy2d).species == ("T0", "T1")
+    fig = figures(copy2d, [])["configuration.png"]
+    assert legend_entries(fig.axes[0]) == ["T0", "T1"]
+
+
+def test_unknown_parameter_lists_available_names(run2d):
     with pytest.raises(UserError, match=r"alpha.*available: diameter\.A, epsilon") as info:
-        plot_run(tmp_path, params=["alpha"])
+        plot_run(run2d, params=["alpha"])
     assert "\n" not in str(info.value)
 
 
-def test_parameter_requested_without_sensitivity_file(tmp_path):
-    make_run(tmp_path, sensitivities=())
+def test_parameter_requested_without_sensitivity_file(copy2d):
+    (copy2d / "sensitivity.npz").unlink()
     with pytest.raises(UserError, match="no sensitivity.npz"):
-        plot_run(tmp_path, params=["epsilon"])
+        plot_run(copy2d, params=["epsilon"])
 
 
 @pytest.mark.parametrize("missing", ["relaxed.npz", "relaxed.extxyz"])
-def test_missing_run_file(tmp_path, missing):
-    make_run(tmp_path)
-    (tmp_path / missing).unlink()
-    with pytest.raises(UserError, match=missing):
-        plot_run(tmp_path)
+def test_missing_run_file(copy2d, missing):
+    (copy2d / missing).unlink()
+    with pytest.raises(UserError, match=f"{missing} is missing"):
+        plot_run(copy2d)
 
 
 def test_missing_run_directory(tmp_path):
@@ -117,83 +373,33 @@ def test_missing_run_directory(tmp_path):
         plot_run(tmp_path / "nowhere")
 
 
-def test_without_sensitivities_only_the_configuration(tmp_path):
-    make_run(tmp_path, sensitivities=())
-    assert plot_run(tmp_path) == [tmp_path / "configuration.png"]
-    assert_png(tmp_path / "configuration.png")
-    assert not (tmp_path / "sensitivity-histogram.png").exists()
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"epsilon": np.zeros((N - 1, 2))}, "'epsilon' has shape"),
+        ({"epsilon": np.full((N, 2), np.nan)}, "'epsilon' has non-finite values"),
+    ],
+)
+def test_bad_sensitivity_arrays(copy2d, arrays, match):
+    np.savez(copy2d / "sensitivity.npz", **arrays)
+    with pytest.raises(UserError, match=match):
+        plot_run(copy2d)
 
 
-def test_three_dimensional_run(tmp_path):
-    make_run(tmp_path, dim=3, sensitivities=("alpha",))
-    paths = plot_run(tmp_path)
-    names = ["sensitivity-alpha.png", "sensitivity-histogram.png", "sensitivity-distance.png"]
-    assert paths == [tmp_path / name for name in names]
-    for path in paths:
-        assert_png(path)
+def test_positions_and_structure_must_agree(copy2d):
+    np.savez(copy2d / "relaxed.npz", positions=np.zeros((N + 1, 2)))
+    with pytest.raises(UserError, match="relaxed.extxyz holds 10 atoms, but relaxed.npz holds 11"):
+        plot_run(copy2d)
 
 
-def test_sensitivity_of_wrong_shape(tmp_path):
-    make_run(tmp_path)
-    np.savez(tmp_path / "sensitivity.npz", epsilon=np.zeros((N - 1, 2)))
-    with pytest.raises(UserError, match="'epsilon' has shape"):
-        plot_run(tmp_path)
-
-
-def test_zeros_and_values_spanning_decades_in_histogram(tmp_path):
-    make_run(tmp_path, sensitivities=())
-    sens = np.zeros((N, 2))
-    sens[1:, 0] = np.logspace(-8, 0, N - 1)
-    np.savez(tmp_path / "sensitivity.npz", alpha=sens, epsilon=np.zeros((N, 2)))
-    for path in plot_run(tmp_path):
-        assert_png(path)
-
-
-def test_npz_positions_and_json_values_are_used(tmp_path):
-    positions = make_run(tmp_path)
-    (tmp_path / "sensitivity.json").write_text(
-        json.dumps({"parameters": {"epsilon": {"value": 1.5}, "alpha": "not a mapping"}})
-    )
-    run = _Run(tmp_path)
-    # Bit-for-bit the npz positions, not the rounded extxyz text.
-    np.testing.assert_array_equal(run.positions, positions)
-    assert run.values == {"epsilon": 1.5}
-    assert run.species == ["A", "B"]
-
-
-def test_species_labels():
-    types = np.array([0, 1, 2, 1])
-    assert _species_labels("A,B,C", types) == ["A", "B", "C"]
-    assert _species_labels(None, types) == ["0", "1", "2"]
-    # Fewer names than species: the index stands in for the rest.
-    assert _species_labels("A", types) == ["A", "1", "2"]
-    # extxyz parses "1,2,3" into an integer array, "T,F" into booleans.
-    assert _species_labels(np.array([1, 2, 3]), types) == ["1", "2", "3"]
-    assert _species_labels([True, False], types[:2]) == ["T", "F"]
-    # Without species_names: the chemical symbol of each type, unless it is the placeholder X.
-    symbols = ["Ar", "Kr", "X", "Kr"]
-    assert _species_labels(None, types, symbols) == ["Ar", "Kr", "2"]
-    assert _species_labels("A", types, symbols) == ["A", "Kr", "2"]
-    # Two types of one element, or one type of two elements.
-    assert _species_labels(None, np.array([0, 1, 2]), ["Ar", "Ar", "Kr"]) == ["Ar (0)", "Ar (1)", "Kr"]
-    assert _species_labels(None, np.array([0, 0]), ["Ar", "Kr"]) == ["0"]
-
-
-def test_missing_species_names_still_plots(tmp_path):
-    make_run(tmp_path, species_names=None)
-    assert _Run(tmp_path).species == ["0", "1"]
-    assert_png(plot_run(tmp_path, params=[])[0])
-
-
-def test_periodic_images_of_a_disc_in_a_corner(tmp_path):
-    make_run(tmp_path, sensitivities=())
-    run = _Run(tmp_path)
-    run.diameters[:] = 0.1
-    run.diameters[0] = 1.0
+def test_periodic_images_of_a_disc_in_a_corner(run2d):
+    run = geometry(run2d)
+    diameters = np.full(N, 0.1)
+    diameters[0] = 1.0
     xy = np.mod(run.positions, run.box)
-    centres, owners = _periodic_images(run, xy, run.diameters)
+    centers, owners = periodic_images(run, xy, diameters)
     # The disc at (0.1, 3.95) of radius 0.5 reaches across both edges: four copies.
-    corner = centres[owners == 0]
+    corner = centers[owners == 0]
     expected = [[0.1, 3.95], [5.1, 3.95], [0.1, -0.05], [5.1, -0.05]]
     assert sorted(map(tuple, np.round(corner, 9))) == sorted(map(tuple, expected))
     # Every other particle appears at least once, and copies only where they reach the box.
@@ -237,23 +443,32 @@ def test_triclinic_crystal_with_symbols_and_no_diameters(tmp_path, species_names
     atoms = triclinic_atoms(species_names)
     assert not atoms.cell.orthorhombic and atoms.pbc.all()
     write_atoms_run(tmp_path, atoms)
-    run = _Run(tmp_path)
-    assert run.species == ["Ar", "Kr"]
+    run = geometry(tmp_path)
+    assert run.species == ("Ar", "Kr")
     # No images or wrapping in a non-orthogonal cell; atoms sized by their nearest-neighbour distance.
     assert not run.wrap.any() and not run.sized
     distances = atoms.get_all_distances(mic=True) + np.diag(np.full(len(atoms), np.inf))
     np.testing.assert_allclose(run.diameters, 0.5 * np.median(distances.min(axis=1)), rtol=1e-6)
     if species_names is not None:
         return  # the figures are the same
-    paths = plot_run(tmp_path)
-    assert [p.name for p in paths] == [
+    drawn = figures(tmp_path)
+    assert list(drawn) == [
         "sensitivity-sigma.Ar-Kr.png",
         "sensitivity-epsilon.Ar.png",
         "sensitivity-histogram.png",
         "sensitivity-distance.png",
     ]
-    for path in paths:
-        assert_png(path)
+    ax = drawn["sensitivity-sigma.Ar-Kr.png"].axes[0]
+    lines = title(drawn["sensitivity-sigma.Ar-Kr.png"]).splitlines()
+    assert "atoms drawn 0.5 × the nearest-neighbour distance wide" in lines
+    assert "non-orthogonal cell: outline projected, no periodic images drawn" in lines
+    # No images: one disc per atom, inside the projected outline of the cell's 12 edges.
+    assert len(only(ax, EllipseCollection).get_offsets()) == len(atoms)
+    assert len(only(ax, LineCollection).get_segments()) == 12
+    assert legend_entries(ax) == ["Ar", "Kr"]
+    # The first sensitivity spans six decades: log axes.
+    assert visible_axes(drawn["sensitivity-histogram.png"])[0].get_xscale() == "log"
+    assert visible_axes(drawn["sensitivity-distance.png"])[0].get_yscale() == "log"
 
 
 def test_free_cluster_with_zero_cell(tmp_path):
@@ -263,19 +478,23 @@ def test_free_cluster_with_zero_cell(tmp_path):
     atoms.pbc = False
     atoms.new_array("type", np.zeros(13, dtype=int))
     write_atoms_run(tmp_path, atoms, sensitivities=("epsilon",))
-    run = _Run(tmp_path)
-    assert run.species == ["Ar"] and not run.periodic and not run.wrap.any()
-    # Default centre of a free cluster: the centroid (the central atom of the icosahedron).
-    centre = _centre(run, None)
-    assert centre.text.startswith("centroid of the atoms") and centre.label is None
-    np.testing.assert_allclose(centre.point, atoms.positions.mean(axis=0), atol=1e-12)
-    assert np.sum(_distances(run, centre.point) < 1e-6) == 1
-    for path in plot_run(tmp_path):
-        assert_png(path)
+    run = geometry(tmp_path)
+    assert run.species == ("Ar",) and not run.periodic and not run.wrap.any()
+    # Default center of a free cluster: the centroid (the central atom of the icosahedron).
+    center = find_center(run, None)
+    assert center.text.startswith("centroid of the atoms") and center.label is None
+    np.testing.assert_allclose(center.point, atoms.positions.mean(axis=0), atol=1e-12)
+    assert np.sum(distances_from(run, center.point) < 1e-6) == 1
+    drawn = figures(tmp_path, slice_width=2.0)
+    # No cell: no outline; a plain distance axis.
+    assert not [
+        c for c in drawn["sensitivity-epsilon.png"].axes[0].collections if isinstance(c, LineCollection)
+    ]
+    assert visible_axes(drawn["sensitivity-distance.png"])[0].get_xlabel() == "distance"
     assert_png(plot_run(tmp_path, params=[], slice_width=2.0)[0])
 
 
-def test_defect_position_is_the_default_centre_and_distances_use_minimum_images(tmp_path):
+def test_defect_position_is_the_default_center_and_distances_use_minimum_images(tmp_path):
     atoms = ase.build.bulk("Ar", "fcc", a=5.26, cubic=True).repeat(3)
     defect = atoms.positions[0].copy()  # the origin, a corner of the cell
     del atoms[0]
@@ -283,45 +502,42 @@ def test_defect_position_is_the_default_centre_and_distances_use_minimum_images(
     atoms.info["species_names"] = "Ar"
     atoms.info["defect_position"] = defect
     write_atoms_run(tmp_path, atoms, sensitivities=("epsilon",))
-    run = _Run(tmp_path)
+    run = geometry(tmp_path)
     # ASE reads the space-separated info value back as an array.
     assert isinstance(run.defect, np.ndarray)
-    centre = _centre(run, None)
-    assert centre.text == "defect at (0, 0, 0)" and centre.label == "defect"
-    distances = _distances(run, centre.point)
+    center = find_center(run, None)
+    assert center.text == "defect at (0, 0, 0)" and center.label == "defect"
+    distances = distances_from(run, center.point)
     # The vacancy's 12 nearest neighbours lie a / √2 away, most of them across the cell's faces.
     assert np.sum(np.isclose(distances, 5.26 / np.sqrt(2))) == 12
     assert distances.max() <= np.sqrt(3) * 1.5 * 5.26 + 1e-9
-    for path in plot_run(tmp_path):
-        assert_png(path)
+    drawn = figures(tmp_path)
+    assert legend_entries(drawn["sensitivity-epsilon.png"].axes[0]) == ["Ar", "defect"]
+    assert title(drawn["sensitivity-distance.png"]) == "|dx*/dθ| against distance from defect at (0, 0, 0)"
 
 
-def test_cell_centre_is_the_default_centre_of_a_periodic_run(tmp_path):
-    make_run(tmp_path)
-    centre = _centre(_Run(tmp_path), None)
-    assert centre.text == "cell centre (2.5, 2)" and centre.label is None
-    np.testing.assert_array_equal(centre.point, [2.5, 2.0, 0.0])
+def test_cell_center_is_the_default_center_of_a_periodic_run(run2d):
+    center = find_center(geometry(run2d), None)
+    assert center.text == "cell center (2.5, 2)" and center.label is None
+    np.testing.assert_array_equal(center.point, [2.5, 2.0, 0.0])
 
 
-def test_centre_by_atom_index_and_by_coordinates(tmp_path):
-    make_run(tmp_path, dim=3, sensitivities=("alpha",))
-    run = _Run(tmp_path)
-    by_index = _centre(run, 3)
+def test_center_by_atom_index_and_by_coordinates(run3d):
+    run = geometry(run3d)
+    by_index = find_center(run, 3)
     assert by_index.text == "atom 3 (B)" and by_index.label == "atom 3"
     np.testing.assert_array_equal(by_index.point, run.positions[3])
-    assert _distances(run, by_index.point)[3] == 0
-    by_point = _centre(run, (1, 2.5, 0.25))
-    assert by_point.text == "point (1, 2.5, 0.25)"
+    assert distances_from(run, by_index.point)[3] == 0
+    assert find_center(run, np.int64(3)).text == "atom 3 (B)"
+    by_point = find_center(run, (1, 2.5, 0.25))
+    assert by_point.text == "point (1, 2.5, 0.25)" and by_point.label == "center"
     np.testing.assert_array_equal(by_point.point, [1, 2.5, 0.25])
-    for path in plot_run(tmp_path, center=np.int64(3)):
-        assert_png(path)
 
 
-def test_centre_in_two_dimensions_takes_two_or_three_coordinates(tmp_path):
-    make_run(tmp_path)
-    run = _Run(tmp_path)
-    np.testing.assert_array_equal(_centre(run, (1, 2)).point, [1, 2, 0])
-    np.testing.assert_array_equal(_centre(run, (1, 2, 0)).point, [1, 2, 0])
+def test_center_in_two_dimensions_takes_two_or_three_coordinates(run2d):
+    run = geometry(run2d)
+    np.testing.assert_array_equal(find_center(run, (1, 2)).point, [1, 2, 0])
+    np.testing.assert_array_equal(find_center(run, (1, 2, 0)).point, [1, 2, 0])
 
 
 @pytest.mark.parametrize(
@@ -336,47 +552,43 @@ def test_centre_in_two_dimensions_takes_two_or_three_coordinates(tmp_path):
         ({"x": 1}, "atom index or 3"),
     ],
 )
-def test_bad_centre(tmp_path, center, match):
-    make_run(tmp_path, dim=3)
+def test_bad_center(copy3d, center, match):
     with pytest.raises(UserError, match=match):
-        plot_run(tmp_path, center=center)
+        plot_run(copy3d, center=center)
     # Nothing is drawn before the arguments are checked.
-    assert not list(tmp_path.glob("*.png"))
+    assert not list(copy3d.glob("*.png"))
 
 
-def test_malformed_defect_position(tmp_path):
-    make_run(tmp_path, dim=3, sensitivities=("alpha",))
-    atoms = ase.io.read(tmp_path / "relaxed.extxyz")
+def test_malformed_defect_position(copy3d):
+    atoms = ase.io.read(copy3d / "relaxed.extxyz")
     atoms.info["defect_position"] = "vacancy"
-    ase.io.write(tmp_path / "relaxed.extxyz", atoms, format="extxyz")
-    with pytest.raises(UserError, match="defect_position.*pass a centre"):
-        plot_run(tmp_path)
-    # An explicit centre does not need it.
-    assert plot_run(tmp_path, params=[], center=0) == [tmp_path / "configuration.png"]
+    ase.io.write(copy3d / "relaxed.extxyz", atoms, format="extxyz")
+    with pytest.raises(UserError, match="defect_position.*pass a center"):
+        plot_run(copy3d)
+    # An explicit center does not need it.
+    assert plot_run(copy3d, params=[], center=0) == [copy3d / "configuration.png"]
 
 
-def test_slice_of_a_three_dimensional_run(tmp_path):
-    positions = make_run(tmp_path, dim=3, sensitivities=("alpha",))
-    run = _Run(tmp_path)
+def test_slice_of_a_three_dimensional_run(run3d):
+    run = geometry(run3d)
+    positions = run.positions
     # Periodic in z: about the middle of the cell, z = 1.5.
-    view = _view(run, 1.0)
+    view = select_view(run, 1.0)
     np.testing.assert_array_equal(view.shown, np.abs(positions[:, 2] - 1.5) < 0.5)
     assert 0 < view.shown.sum() < N
     assert view.text.startswith("slice |z − 1.5| < 0.5 (middle of the cell)")
     assert view.text.endswith(f"{view.shown.sum()} of {N} atoms")
     # Minimum image in z: 4.6 and -1.4 are 0.1 from the middle, 1.5, as is 1.6.
     np.testing.assert_array_equal(view.inside(np.array([1.6, 2.1, 4.6, -1.4])), [True, False, True, True])
-    assert _view(run, None).text == f"x-y projection of all {N} atoms"
-    assert _view(run, None).shown.all()
-    for path in plot_run(tmp_path, slice_width=1.0, center=0):
-        assert_png(path)
+    assert select_view(run, None).text == f"x-y projection of all {N} atoms"
+    assert select_view(run, None).shown.all()
 
 
 def test_slice_of_a_free_cluster_is_about_the_middle_of_its_atoms(tmp_path):
     atoms = ase.Atoms("Ar4", positions=[[0, 0, 10], [1, 0, 11], [0, 1, 12], [1, 1, 14]])
     atoms.new_array("type", np.zeros(4, dtype=int))
     write_atoms_run(tmp_path, atoms, sensitivities=())
-    view = _view(_Run(tmp_path), 2.5)
+    view = select_view(geometry(tmp_path), 2.5)
     np.testing.assert_array_equal(view.shown, [False, True, True, False])
     assert "(middle of the atoms' z-range): 2 of 4 atoms" in view.text
 
@@ -390,10 +602,9 @@ def test_slice_of_a_free_cluster_is_about_the_middle_of_its_atoms(tmp_path):
         (3, 1e-9, "no atom within the slice"),
     ],
 )
-def test_bad_slice(tmp_path, dim, width, match):
-    make_run(tmp_path, dim=dim)
+def test_bad_slice(run2d, run3d, dim, width, match):
     with pytest.raises(UserError, match=match):
-        plot_run(tmp_path, slice_width=width)
+        plot_run(run2d if dim == 2 else run3d, slice_width=width)
 
 
 # --- the command line ------------------------------------------------------------------------------
@@ -401,17 +612,16 @@ def test_bad_slice(tmp_path, dim, width, match):
 runner = CliRunner()
 
 
-def test_cli_plot_with_centre_and_slice(tmp_path):
-    make_run(tmp_path, dim=3, sensitivities=("alpha",))
-    result = runner.invoke(app, ["plot", "--center", "3", "--slice", "1.5", "--run", str(tmp_path)])
+def test_cli_plot_with_center_and_slice(copy3d):
+    result = runner.invoke(app, ["plot", "--center", "3", "--slice", "1.5", "--run", str(copy3d)])
     assert result.exit_code == 0, result.output
     names = ["sensitivity-alpha.png", "sensitivity-histogram.png", "sensitivity-distance.png"]
-    assert result.stdout.splitlines() == [str(tmp_path / name) for name in names]
+    assert result.stdout.splitlines() == [str(copy3d / name) for name in names]
     # Coordinates, on a run without sensitivities: the configuration figure alone.
-    (tmp_path / "sensitivity.npz").unlink()
-    result = runner.invoke(app, ["plot", "--center", "1.0, 2,0.5", "--run", str(tmp_path)])
+    (copy3d / "sensitivity.npz").unlink()
+    result = runner.invoke(app, ["plot", "--center", "1.0, 2,0.5", "--run", str(copy3d)])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == [str(tmp_path / "configuration.png")]
+    assert result.stdout.splitlines() == [str(copy3d / "configuration.png")]
 
 
 @pytest.mark.parametrize(
@@ -423,11 +633,10 @@ def test_cli_plot_with_centre_and_slice(tmp_path):
         (["--slice", "-1"], "must be positive"),
     ],
 )
-def test_cli_plot_bad_centre_or_slice_is_a_one_line_error(tmp_path, args, match):
-    make_run(tmp_path, dim=3, sensitivities=("alpha",))
-    result = runner.invoke(app, ["plot", *args, "--run", str(tmp_path)])
+def test_cli_plot_bad_center_or_slice_is_a_one_line_error(run3d, args, match):
+    result = runner.invoke(app, ["plot", *args, "--run", str(run3d)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Error" in lines[0] and match in lines[0], result.stderr
     assert "Traceback" not in result.output
-    assert not list(tmp_path.glob("*.png"))
+    assert not list(run3d.glob("*.png"))

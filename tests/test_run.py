@@ -20,6 +20,8 @@ import pytest
 
 import mdsens
 from mdsens import atomic
+from mdsens.run import latest_run, mark_latest
+from mdsens.run_files import read_run
 
 N = 32
 PARAMS = ["diameter.A", "diameter.B", "epsilon", "alpha"]
@@ -43,7 +45,8 @@ def max_force(system, positions) -> float:
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
-    # save_relaxation records the latest run in ./results/.latest-run: keep that out of the repo.
+    # Default run directories and the latest-run marker are relative to the working directory:
+    # keep them out of the repository.
     monkeypatch.chdir(tmp_path)
 
 
@@ -312,6 +315,8 @@ def test_save_relaxation_failing_midway_keeps_the_earlier_run(run_copy, computed
 def test_relax_after_sensitivity_removes_stale_files(run_copy, computed, unconverged):
     system, _, _ = computed
     (run_copy / "sensitivity-epsilon.png").write_bytes(b"\x89PNG figure")
+    (run_copy / "check.json").write_text("{}")
+    (run_copy / "export.vasp").write_text("the earlier relaxation")
     (run_copy / "notes.txt").write_text("the user's own file")
     other = unconverged
     mdsens.save_relaxation(run_copy, system, other)
@@ -323,17 +328,21 @@ def test_relax_after_sensitivity_removes_stale_files(run_copy, computed, unconve
     assert mdsens.load_run(run_copy)[1].steps == 5
 
 
-def test_save_relaxation_records_the_latest_run(computed, tmp_path):
-    from mdsens.run import latest_run
-
+def test_latest_run_is_the_marked_one_else_the_newest_relaxation(computed, tmp_path):
     system, relaxed, _ = computed
     first = mdsens.save_relaxation(tmp_path / "results" / "first", system, relaxed)
     second = mdsens.save_relaxation(Path("results") / "second", system, relaxed)
+    # save_relaxation marks nothing: without a marker the newest relaxed.npz under results/ wins.
+    assert not Path("results/.latest-run").exists()
     assert latest_run().resolve() == second.resolve()
     mdsens.save_relaxation(first, system, relaxed)
     assert latest_run().resolve() == first.resolve()
+    # The marker (mdsens relax sets it) wins over a newer relaxation.
+    mark_latest(second)
+    mdsens.save_relaxation(first, system, relaxed)
+    assert latest_run().resolve() == second.resolve()
     # load_run() without a directory reads the latest run.
-    assert mdsens.load_run()[2].resolve() == first.resolve()
+    assert mdsens.load_run()[2].resolve() == second.resolve()
 
 
 def test_load_run_rejects_missing_and_unreadable_runs(run_copy, tmp_path, monkeypatch):
@@ -342,7 +351,7 @@ def test_load_run_rejects_missing_and_unreadable_runs(run_copy, tmp_path, monkey
     monkeypatch.chdir(empty)
     with pytest.raises(mdsens.UserError, match="no run found"):
         mdsens.load_run()
-    with pytest.raises(mdsens.UserError, match="no run directory"):
+    with pytest.raises(mdsens.UserError, match="does not exist"):
         mdsens.load_run(tmp_path / "does" / "not" / "exist")
     with pytest.raises(mdsens.UserError, match="missing"):
         mdsens.load_run(empty)
@@ -367,3 +376,76 @@ def test_load_run_reports_a_damaged_npz_as_user_error(run_copy, damage):
         np.savez(path, positions=positions)
     with pytest.raises(mdsens.UserError):
         mdsens.load_run(run_copy)
+
+
+def _interrupted_write(writers):
+    raise KeyboardInterrupt  # as if the process died before the new files were renamed in
+
+
+def test_an_interrupted_relaxation_leaves_the_earlier_one_without_its_downstream_files(
+    run_copy, computed, unconverged, monkeypatch
+):
+    system, relaxed, _ = computed
+    (run_copy / "sensitivity-epsilon.png").write_bytes(b"\x89PNG figure")
+    relax_before = {name: (run_copy / name).read_bytes() for name in RELAX_FILES}
+    monkeypatch.setattr(atomic, "write_all", _interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        mdsens.save_relaxation(run_copy, system, unconverged)
+    # The stale files went first: what is left is one consistent state, the earlier relaxation.
+    assert sorted(p.name for p in run_copy.iterdir()) == sorted(RELAX_FILES)
+    assert {name: (run_copy / name).read_bytes() for name in RELAX_FILES} == relax_before
+    np.testing.assert_array_equal(mdsens.load_run(run_copy)[1].positions, relaxed.positions)
+
+
+def test_an_interrupted_sensitivity_leaves_no_figure_of_the_earlier_one(run_copy, computed, monkeypatch):
+    system, _, result = computed
+    (run_copy / "sensitivity-epsilon.png").write_bytes(b"\x89PNG figure")
+    before = snapshot(run_copy)
+    monkeypatch.setattr(atomic, "write_all", _interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        mdsens.save_sensitivity(run_copy, system, result)
+    del before["sensitivity-epsilon.png"]
+    assert snapshot(run_copy) == before
+
+
+# --- reading a run without building its system ------------------------------------------------
+
+
+def test_read_run_gives_what_was_written(run_dir, computed):
+    system, relaxed, result = computed
+    files = read_run(run_dir)
+    assert files.path == run_dir
+    np.testing.assert_array_equal(files.positions, relaxed.positions)
+    assert files.structure.species == system.species == ("A", "B")
+    np.testing.assert_array_equal(files.structure.types, system.types)
+    np.testing.assert_allclose(files.structure.cell, np.diag([*system.box, 0.0]), atol=1e-12)
+    assert files.structure.pbc.tolist() == [True, True, False]
+    np.testing.assert_allclose(
+        files.structure.diameters, np.asarray(system.params["diameter"])[system.types], atol=1e-8
+    )
+    assert files.structure.defect is None
+    assert list(files.sensitivities) == PARAMS
+    for name, entry in result.parameters.items():
+        np.testing.assert_array_equal(files.sensitivities[name], entry.dx)
+        assert files.values[name] == entry.value
+
+
+def test_figures_of_a_written_run(run_copy, computed):
+    from matplotlib.quiver import Quiver
+
+    from mdsens.plot import run_figures
+    from mdsens.plot_geometry import RunGeometry, find_center, select_view
+
+    _, _, result = computed
+    run = RunGeometry(read_run(run_copy))
+    drawn = dict(run_figures(run, ["diameter.B"], select_view(run, None), find_center(run, None)))
+    figure = drawn["sensitivity-diameter.B.png"]
+    assert figure.get_suptitle().splitlines()[0] == "dx*/dθ, θ = diameter.B = 0.6"
+    (ax,) = figure.axes
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["A", "B"]
+    (arrows,) = [c for c in ax.collections if isinstance(c, Quiver)]
+    assert arrows.N == N
+    longest = np.linalg.norm(result.parameters["diameter.B"].dx, axis=1).max()
+    # The longest arrow spans one diameter of the larger species.
+    assert arrows.scale == pytest.approx(longest / 1.0)
+    assert [p.name for p in mdsens.plot_run(run_copy, ["diameter.B"])] == list(drawn)
