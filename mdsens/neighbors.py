@@ -16,7 +16,7 @@ an overflow flag, and the caller allocates a larger one and redoes the work (it 
 reallocated inside ``jit``).
 
 Free clusters and triclinic cells always use all pairs (JAX-MD's cell list needs an orthorhombic
-box), and so does any cell less than three list cutoffs wide.
+box), and so does any cell not wider than three times ``cutoff + skin`` along every axis.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ cores (``benchmarks/neighbors.py``): a force evaluation over all pairs costs 4×
 N = 64 and 100× at N = 1024."""
 MODES = ("auto", "always", "never")
 DEFAULTS = {"mode": "auto", "skin": 0.3, "margin": 0.1, "capacity": 1.5}
-"""``skin`` and ``margin`` are fractions of the interaction range; ``capacity`` multiplies the
-number of pairs found when a list is allocated."""
+"""``margin`` is a fraction of the interaction range, ``skin`` a fraction of the list's cutoff;
+``capacity`` multiplies the number of pairs found when a list is allocated."""
 
 
 def overflowed(neighbors: partition.NeighborList) -> jax.Array:
@@ -121,5 +121,6 @@ def use_pair_list(settings: dict, n_particles: int, space_kind: str, box: np.nda
 
 
 def possible_pair_list(space_kind: str, box: np.ndarray, reach: float) -> bool:
-    """A cell list needs an orthorhombic periodic cell at least three ``reach`` wide."""
+    """A cell list needs an orthorhombic periodic cell wider than three ``reach`` (the list's
+    cutoff plus skin) along every axis."""
     return space_kind == "periodic" and bool(np.isfinite(reach)) and bool(np.all(box > 3 * reach))

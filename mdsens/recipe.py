@@ -1,9 +1,10 @@
 """System recipes: TOML files that say how to build a system, with defaults and overrides.
 
-A recipe names the dimension, particle count, species (fraction and diameter each), the box
-(packing fraction or side), the potential and its parameters, the minimiser and its tolerances,
-the linear solver of the sensitivity stage, how pairs are found (``[neighbors]``: all pairs or a
-neighbour list, see :mod:`mdsens.neighbors`), and the seed. :func:`load_recipe` finds a recipe by
+A recipe names the source of positions (a structure file, a lattice, or a random box: dimension,
+particle count, species fractions, packing fraction or side), the potential and its parameters
+(per species, global, per pair), the minimiser and its tolerances, the linear solver of the
+sensitivity stage, how pairs are found (``[neighbors]``: all pairs or a neighbour list, see
+:mod:`mdsens.neighbors`), and the seed. :func:`load_recipe` finds a recipe by
 name (the files shipped in ``systems/``) or by path, :func:`apply_overrides` applies
 ``KEY=VALUE`` strings with dotted keys, and :func:`resolve` fills in every default and validates
 the result, so that the resolved recipe stored with a run reproduces it exactly.

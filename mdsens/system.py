@@ -65,7 +65,7 @@ class System:
             line up with the user's file.
         energy_fn: ``energy_fn(x, params) -> E``, differentiable in both arguments; with a
             neighbour list it finds the pairs at ``x`` itself (NaN where the list cannot hold
-            them or θ reaches beyond its cutoff: see :mod:`mdsens.neighbors`).
+            them or θ reaches beyond its cutoff: see :mod:`mdsens.list_coverage`).
         displacement, shift: JAX-MD space functions.
         pair_list: the neighbour-list functions, or ``None`` where all pairs are summed.
         pair_energy_fn: ``pair_energy_fn(x, params, pairs) -> E`` over a given (2, M) pair list

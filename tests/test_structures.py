@@ -5,6 +5,9 @@
   ``load_system(structure=...)``, relaxed, saved and exported again in its own format; order,
   symbols, cell and periodicity must survive every step. The reference is the ASE object the
   test wrote, never anything mdsens printed.
+* Species names of any atoms, as ASE reads them back from extxyz (``species_of``): chemical
+  symbols, ``species_names`` (also when extxyz parses it as booleans or integers), per-type
+  symbols, ``T<type>``.
 * ``mdsens relax --structure FILE`` with a bad file is a one-line error, exit code 2, with nothing
   written; ``mdsens export`` of a free cluster in a periodic-only format likewise.
 """
@@ -23,8 +26,10 @@ from ase.data import atomic_numbers
 from typer.testing import CliRunner
 
 from mdsens.cli import app
+from mdsens.errors import UserError
 from mdsens.relaxation import Relaxer
 from mdsens.run import export_structure, load_run, save_relaxation
+from mdsens.structures import species_of
 from mdsens.system import load_system
 
 N_ATOMS = 32
@@ -393,3 +398,53 @@ def test_export_of_a_free_cluster_reads_back_with_the_relaxed_positions(fmt, pre
     assert back.get_chemical_symbols() == ["Ar"] * 3
     assert not back.pbc.any()
     np.testing.assert_allclose(back.positions, relaxed, atol=precision)
+
+
+def extxyz_round_trip(atoms: ase.Atoms, tmp_path: Path) -> ase.Atoms:
+    """The atoms as ASE reads them back from extxyz (which parses "T,F" and "1,2" in info)."""
+    path = tmp_path / "atoms.extxyz"
+    ase.io.write(path, atoms, format="extxyz")
+    return ase.io.read(path, format="extxyz")
+
+
+def typed(symbols: list[str], types: list[int], names: str | None = None) -> ase.Atoms:
+    atoms = ase.Atoms(symbols, positions=np.arange(3 * len(symbols), dtype=float).reshape(-1, 3))
+    atoms.arrays["type"] = np.array(types)
+    if names is not None:
+        atoms.info["species_names"] = names
+    return atoms
+
+
+@pytest.mark.parametrize(
+    ("atoms", "names", "types"),
+    [
+        (ase.Atoms("KrArKr"), ("Kr", "Ar"), [0, 1, 0]),
+        (typed(["X"] * 3, [1, 0, 1], "A, B"), ("A", "B"), [1, 0, 1]),
+        (typed(["X"] * 3, [1, 0, 1], "T,F"), ("T", "F"), [1, 0, 1]),
+        (typed(["X"] * 3, [1, 0, 1], "1,2"), ("1", "2"), [1, 0, 1]),
+        (typed(["X"] * 3, [1, 0, 1], "A"), ("T0", "T1"), [1, 0, 1]),
+        (typed(["Ar", "Kr", "Ar"], [2, 5, 2]), ("Ar", "Kr"), [0, 1, 0]),
+        (typed(["Ar", "Kr", "Ar"], [2, 5, 2], "A,B"), ("Ar", "Kr"), [0, 1, 0]),
+        (typed(["Ar", "Ar", "Kr"], [2, 5, 5]), ("T2", "T5"), [0, 1, 1]),
+    ],
+    ids=[
+        "symbols",
+        "names",
+        "boolean-names",
+        "integer-names",
+        "too-few-names",
+        "type-symbols",
+        "names-for-other-types",
+        "mixed-symbols",
+    ],
+)
+def test_species_of_names_every_species_once(atoms, names, types, tmp_path):
+    back = extxyz_round_trip(atoms, tmp_path)
+    got_names, got_types = species_of(back)
+    assert got_names == names
+    assert got_types.tolist() == types
+
+
+def test_species_of_refuses_negative_types():
+    with pytest.raises(UserError, match="non-negative integers"):
+        species_of(typed(["X", "X"], [0, -1]))
