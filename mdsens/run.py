@@ -51,14 +51,15 @@ DOWNSTREAM_GLOBS = ("sensitivity.*", "check.json", "export.*", *FIGURE_GLOBS)
 
 
 def default_run_dir(system: System) -> Path:
-    """``results/<system name>``, relative to the working directory."""
+    """``results/<system name>`` (``results/run`` for an unnamed system), relative to the working
+    directory."""
     return RESULTS / (system.name or "run")
 
 
 def latest_run() -> Path:
     """The run that commands without ``--run`` use: the one ``results/.latest-run`` names
-    (:func:`mark_latest`; ``mdsens relax`` marks its run), else the one under ``results/`` whose
-    ``relaxed.npz`` was written last.
+    (:func:`mark_latest`; ``mdsens relax`` marks its run) while it holds a ``relaxed.npz``, else
+    the one under ``results/`` whose ``relaxed.npz`` was modified last.
 
     Raises:
         UserError: no run has been written here yet.

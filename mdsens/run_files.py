@@ -104,7 +104,9 @@ def read_structure(run: Path, n: int) -> Structure:
     path = _required(run, "relaxed.extxyz")
     try:
         atoms = ase.io.read(path, format="extxyz")
-    except (*READ_ERRORS, UnicodeDecodeError, StopIteration) as error:
+    except StopIteration:
+        raise UserError(f"cannot read {path}: it holds no structure") from None
+    except (*READ_ERRORS, UnicodeDecodeError) as error:
         raise UserError(f"cannot read {path}: {type(error).__name__} {error}") from None
     if not isinstance(atoms, ase.Atoms) or len(atoms) != n:
         count = len(atoms) if isinstance(atoms, ase.Atoms) else "no"

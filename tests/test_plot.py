@@ -386,6 +386,24 @@ def test_bad_sensitivity_arrays(copy2d, arrays, match):
         plot_run(copy2d)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("relaxed.extxyz", b"garbage\nnot an extxyz file\n", "XYZError"),
+        ("relaxed.extxyz", b"", "it holds no structure"),
+        ("relaxed.npz", b"PK not a zip", "cannot read"),
+        ("sensitivity.npz", b"PK not a zip", "cannot read"),
+        ("sensitivity.json", b"\xff{", "cannot read"),
+    ],
+)
+def test_damaged_file_is_a_user_error_naming_it(copy2d, name, content, match):
+    (copy2d / name).write_bytes(content)
+    with pytest.raises(UserError, match=match) as info:
+        plot_run(copy2d)
+    assert str(copy2d / name) in str(info.value)
+    assert not list(copy2d.glob("*.png"))
+
+
 def test_positions_and_structure_must_agree(copy2d):
     np.savez(copy2d / "relaxed.npz", positions=np.zeros((N + 1, 2)))
     with pytest.raises(UserError, match="relaxed.extxyz holds 10 atoms, but relaxed.npz holds 11"):
