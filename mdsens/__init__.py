@@ -24,6 +24,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+# The one version source: pyproject.toml reads this line by parsing the file (setuptools `attr`).
 __version__ = "0.1.0"
 
 _EXPORTS = {

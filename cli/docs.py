@@ -1,6 +1,6 @@
 """The CLI reference (docs/cli.md), generated from the Typer application so it cannot drift.
 
-``python -m mdsens.cli_docs > docs/cli.md`` rewrites it; a test fails when it is out of date.
+``python -m mdsens.cli.docs > docs/cli.md`` rewrites it; a test fails when it is out of date.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import inspect
 
 import typer
 
-from mdsens.cli import app
+from . import app
 
 
 def _option_line(param) -> str:
@@ -29,7 +29,7 @@ def cli_reference() -> str:
     lines = [
         "# Command-line reference",
         "",
-        "Generated from the code by `python -m mdsens.cli_docs > docs/cli.md`; do not edit by hand.",
+        "Generated from the code by `python -m mdsens.cli.docs > docs/cli.md`; do not edit by hand.",
         "",
         inspect.cleandoc(group.help or ""),
         "",

@@ -1,0 +1,67 @@
+"""The ``mdsens`` command line (installed as ``mdsens.cli``): the Typer application and its entry point.
+
+A thin shell over the library: each command is a module here that parses, calls ``mdsens`` and
+prints; ``console`` holds the error policy and exit codes, ``options`` the shared options, and
+``docs`` generates docs/cli.md from this application. The library never imports this package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from . import check, export, paper, plot, relax, sensitivity, systems
+
+app = typer.Typer(
+    name="mdsens",
+    help=(
+        "Relax particle systems with JAX-MD and compute how the relaxed structure changes with "
+        "the potential's parameters (implicit differentiation of grad E = 0). Typical session: "
+        "`mdsens relax --system binary-packing`, `mdsens sensitivity --param diameter`, "
+        "`mdsens plot`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Registered here, not by decorators in each module, so that this tuple is the order in which
+# `mdsens --help` and docs/cli.md list the commands.
+for _command in (
+    relax.relax,
+    sensitivity.sensitivity,
+    plot.plot,
+    check.check,
+    export.export,
+    paper.paper,
+    systems.systems,
+):
+    app.command()(_command)
+
+
+@app.callback()
+def _compilation_cache() -> None:
+    """Keep compiled functions on disk, so a second run of the same system shape starts fast.
+
+    On by default on GPU and TPU. Off on CPU: jaxlib 0.10 rejects its own CPU cache entries on
+    reload and logs an error for each (jax issue 38445), so the cache would only cost time.
+    MDSENS_COMPILATION_CACHE=DIR turns it on anywhere, MDSENS_COMPILATION_CACHE="" off.
+    """
+    import jax
+
+    directory = os.environ.get("MDSENS_COMPILATION_CACHE")
+    if directory is None and jax.default_backend() != "cpu":
+        directory = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mdsens" / "jax")
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,37 @@
+"""``mdsens export``: a run's relaxed structure in another file format, through ASE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .console import guarded, out
+from .options import RunOption, out_option
+
+FileOut = out_option(Path | None, "File to write (default: RUN/export.<format>).")
+
+
+def export(
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format", "-f", help="Any format ase.io.write writes: vasp, cif, lammps-data, xyz, ..."
+        ),
+    ],
+    run: RunOption = None,
+    out_file: FileOut = None,
+) -> None:
+    """Write the relaxed structure of a run in another file format (through ASE).
+
+    Atom order, symbols, tags and cell are those of the input; positions are the full-precision
+    relaxed ones.
+    """
+
+    def action():
+        from mdsens.run import export_structure
+
+        out.print(str(export_structure(run, format_, out_file)), markup=False)
+
+    guarded(action)
