@@ -27,15 +27,12 @@ TOLERANCES = (1e-3, 1e-4, 1e-5, 1e-6, 1e-8)
 COLUMNS = ("method", "parameter", "h", "wall_s", "error", "contact_changes", "steps")
 
 
-def _relative(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def run(n: int, steps=STEPS, tolerances=TOLERANCES) -> dict:
     import jax
     import jax.numpy as jnp
 
     from mdsens import implicit
+    from mdsens.references import central_difference, relative_error
     from mdsens.relaxation import Relaxer
     from mdsens.sensitivity import Sensitivity, expand_parameters, optimality_fn, unit_tangent
     from mdsens.system import load_system
@@ -44,6 +41,8 @@ def run(n: int, steps=STEPS, tolerances=TOLERANCES) -> dict:
     relaxer = Relaxer(system)
     relaxed = relaxer.relax()
     relaxed.require_converged()
+    # One engine for every finite difference, its neighbour list with room for the pairs at x*.
+    relaxer = relaxer.for_params(system.params, relaxed.positions)
     system = relaxer.system
     x = jnp.asarray(relaxed.positions)
     names = expand_parameters(system, ["diameter"])
@@ -65,9 +64,6 @@ def run(n: int, steps=STEPS, tolerances=TOLERANCES) -> dict:
         )
 
     loose = {tol: tangent_fn(implicit.cg(tol=tol, atol=atol)) for tol in tolerances}
-    basis = jax.jit(system.nullspace)(x, system.params)
-    project = jax.jit(lambda v: implicit.project_out(basis, v.ravel()).reshape(v.shape))
-    difference = jax.jit(jax.vmap(system.displacement))
 
     rows = []
     for name in names:
@@ -80,7 +76,7 @@ def run(n: int, steps=STEPS, tolerances=TOLERANCES) -> dict:
                 "method": "implicit",
                 "parameter": name,
                 "wall_s": entry.wall_time,
-                "error": _relative(entry.dx, reference),
+                "error": relative_error(entry.dx, reference),
                 "steps": entry.iterations,
                 "reference_residual": float(info.residual),
             }
@@ -93,32 +89,22 @@ def run(n: int, steps=STEPS, tolerances=TOLERANCES) -> dict:
                     "method": f"implicit, CG tol {tol:g}",
                     "parameter": name,
                     "wall_s": wall,
-                    "error": _relative(np.asarray(dx), reference),
+                    "error": relative_error(dx, reference),
                     "steps": int(info.iterations),
                 }
             )
         for h in steps:
-            shifted = [
-                jax.tree_util.tree_map(lambda p, t, s=s, h=h: p + s * h * t, system.params, tangent)
-                for s in (1, -1)
-            ]
-            start = time.perf_counter()
-            plus, minus = (relaxer.relax(p, x0=relaxed.positions) for p in shifted)
-            wall = time.perf_counter() - start
-            dx = np.asarray(
-                project(difference(jnp.asarray(plus.positions), jnp.asarray(minus.positions)))
-            ) / (2 * h)
-            changed = system.contact_changes(plus.positions, shifted[0], minus.positions, shifted[1])
+            fd = central_difference(relaxer, relaxed.positions, system.params, tangent, h)
             rows.append(
                 {
                     "method": "finite differences",
                     "parameter": name,
                     "h": h,
-                    "wall_s": wall,
-                    "error": _relative(dx, reference),
-                    "contact_changes": int(changed.sum()),
-                    "steps": plus.steps + minus.steps,
-                    "converged": bool(plus.converged and minus.converged),
+                    "wall_s": fd.wall_time,
+                    "error": relative_error(fd.dx, reference),
+                    "contact_changes": int(fd.changed.sum()),
+                    "steps": fd.plus.steps + fd.minus.steps,
+                    "converged": fd.converged,
                 }
             )
     summary = []

@@ -1,11 +1,13 @@
 """``mdsens check``: the verdict rests on trusted references, and says so in RUN/check.json.
 
-What makes these tests falsifiable:
+The verdict (:func:`mdsens.verdict.judge`) is a pure table from comparisons to pass/fail and a
+reason: it is tested case by case without physics. The measurements are tested on real systems.
+What makes those falsifiable:
 
 * the relaxed 128-particle binary packing must pass against finite differences (h = 1e-5 agrees to
   ~5e-7) and against the dense direct solve (~1e-12), while a state relaxed only to max|F| ≤ 1e-4
   must fail: its derivative is that of an unrelaxed state (3e-3 off the tight references);
-* the packing has a pair 7e-5 from contact (../shared/REFERENCE.md), so h = 1e-4 and 1e-3 change
+* the packing has a pair 7e-5 from contact, so h = 1e-4 and 1e-3 change
   the contact network: such a step measures a jump (error 0.13 and 0.24, and still 0.22 on the
   particles whose own contacts did not change), so it is reported, never trusted. With h = 1e-3
   alone the direct solve decides (pass); without a direct solve nothing can (fail);
@@ -24,6 +26,7 @@ crystal (PASS, exit 0).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,7 @@ from typer.testing import CliRunner
 from mdsens import check
 from mdsens.check import Checker
 from mdsens.cli import app
+from mdsens.verdict import DIRECT, FINITE_DIFFERENCES, IMPLICIT, UNROLLED, Comparison, judge
 
 
 def cli(*args):
@@ -43,9 +47,148 @@ def describe(result) -> str:
 
 
 def fd_rows(rows: list) -> list:
-    """The finite-difference rows of a check (Row objects, or their dicts from check.json)."""
-    method = (lambda r: r["method"]) if rows and isinstance(rows[0], dict) else (lambda r: r.method)
-    return [r for r in rows if method(r).startswith("finite differences")]
+    """The finite-difference rows of a check (Comparisons, or their dicts from check.json)."""
+    kind = (lambda r: r["kind"]) if rows and isinstance(rows[0], dict) else (lambda r: r.kind)
+    return [r for r in rows if kind(r) == FINITE_DIFFERENCES]
+
+
+# --------------------------------------------------------------------------------------------
+# The verdict table (mdsens.verdict.judge): rows in, pass/fail and reason out; no physics runs.
+
+TOL = 1e-5
+
+
+def implicit_row(converged: bool = True, residual: float = 1e-13) -> Comparison:
+    return Comparison(IMPLICIT, "implicit (CG)", 0.0, 0.1, converged=converged, residual=residual)
+
+
+def direct_row(error: float) -> Comparison:
+    return Comparison(DIRECT, "direct (dense)", error, 0.1)
+
+
+def fd_row(h: float, error: float, changes: int = 0, converged: bool = True) -> Comparison:
+    """A finite-difference row; over the unchanged particles its error is ``error`` too unless
+    contacts changed (then a jump: 0.2) or a re-relaxation did not converge (then none)."""
+    unchanged = None if not converged else (error if changes == 0 else 0.2)
+    return Comparison(
+        FINITE_DIFFERENCES,
+        "finite differences",
+        error if changes == 0 else 0.3,
+        0.1,
+        h=h,
+        error_unchanged=unchanged,
+        contact_changes=changes,
+        converged=converged,
+    )
+
+
+def unrolled_row(error: float) -> Comparison:
+    return Comparison(UNROLLED, "unrolled forward (10 steps, max|F| 1e-01)", error, 0.1, steps=10)
+
+
+NAN = math.nan
+VERDICTS = {
+    "FD agrees": (
+        [implicit_row(), fd_row(1e-4, 0.2, changes=2), fd_row(1e-5, 3e-7), fd_row(1e-6, 2e-6)],
+        1e-13,
+        True,
+        "finite differences agree to 3e-07 (h = 1e-05, no contact changes)",
+    ),
+    "FD agrees, the direct solve too, the unrolled rows do not decide": (
+        [implicit_row(), direct_row(1e-12), fd_row(1e-5, 3e-7), unrolled_row(0.99)],
+        1e-13,
+        True,
+        "finite differences agree to 3e-07 (h = 1e-05, no contact changes)",
+    ),
+    "FD disagrees on an under-relaxed state": (
+        [implicit_row(), fd_row(1e-5, 3e-3), fd_row(1e-6, 4e-3)],
+        1e-4,
+        False,
+        "finite differences disagree (best 0.003 at h = 1e-05, a step that changes no contact);"
+        " max|F| at the state is 0.0001: relax to a smaller fmax",
+    ),
+    "FD disagrees on a relaxed state: no hint to relax further": (
+        [implicit_row(), fd_row(1e-5, 3e-3)],
+        1e-13,
+        False,
+        "finite differences disagree (best 0.003 at h = 1e-05, a step that changes no contact)",
+    ),
+    "all h change contacts, with a direct solve": (
+        [implicit_row(), direct_row(2e-12), fd_row(1e-3, 0.3, changes=4), fd_row(1e-4, 0.1, changes=2)],
+        1e-13,
+        True,
+        "contacts change at every h: finite differences cannot judge; the direct solve agrees (2e-12)",
+    ),
+    "all h change contacts, without a direct solve": (
+        [implicit_row(), fd_row(1e-3, 0.3, changes=4)],
+        1e-13,
+        False,
+        "no trusted reference: contacts change at every h and the system is too large for a direct solve",
+    ),
+    "no finite differences, with a direct solve": (
+        [implicit_row(), direct_row(1e-12)],
+        1e-13,
+        True,
+        "no finite-difference step: finite differences cannot judge; the direct solve agrees (1e-12)",
+    ),
+    "re-relaxations not converged, without a direct solve": (
+        [implicit_row(), fd_row(1e-5, 1e-7, converged=False), fd_row(1e-4, 0.1, changes=2)],
+        1e-13,
+        False,
+        "no trusted reference: at every h contacts change, a re-relaxation did not converge or the error"
+        " is not a number and the system is too large for a direct solve",
+    ),
+    "the linear solve did not converge": (
+        [implicit_row(converged=False, residual=3e-4), fd_row(1e-5, 3e-7)],
+        1e-13,
+        False,
+        "the linear solve did not converge (residual 0.0003)",
+    ),
+    "the direct solve disagrees, FD agree": (
+        [implicit_row(), direct_row(1e-3), fd_row(1e-5, 3e-7)],
+        1e-13,
+        False,
+        "the direct solve disagrees (0.001)",
+    ),
+    "NaN from the direct solve never agrees": (
+        [implicit_row(), direct_row(NAN), fd_row(1e-3, 0.3, changes=4)],
+        1e-13,
+        False,
+        "the direct solve disagrees (nan)",
+    ),
+    "NaN finite differences are no reference": (
+        [implicit_row(), fd_row(1e-5, NAN), fd_row(1e-6, NAN)],
+        1e-13,
+        False,
+        "no trusted reference: at every h contacts change, a re-relaxation did not converge or the error"
+        " is not a number and the system is too large for a direct solve",
+    ),
+    "every problem at once": (
+        [implicit_row(converged=False, residual=0.5), direct_row(NAN), fd_row(1e-5, NAN), fd_row(1e-6, 1.0)],
+        NAN,
+        False,
+        "the linear solve did not converge (residual 0.5); the direct solve disagrees (nan);"
+        " finite differences disagree (best 1 at h = 1e-06, a step that changes no contact)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("rows", "max_force", "passed", "reason"), VERDICTS.values(), ids=VERDICTS.keys())
+def test_verdict_table(rows, max_force, passed, reason):
+    verdict = judge(rows, TOL, max_force)
+    assert (verdict.passed, verdict.reason) == (passed, reason)
+
+
+def test_verdict_tolerance_is_inclusive_and_an_infinite_error_fails():
+    """An error equal to the tolerance passes; an infinite one (the reference is exactly 0 while
+    the implicit answer is not: :func:`mdsens.references.relative_error`) fails."""
+    assert judge([implicit_row(), fd_row(1e-5, TOL)], TOL, 1e-13).passed
+    assert not judge([implicit_row(), fd_row(1e-5, math.inf)], TOL, 1e-13).passed
+    assert not judge([implicit_row(), direct_row(math.inf), fd_row(1e-5, 1e-7)], TOL, 1e-13).passed
+
+
+# --------------------------------------------------------------------------------------------
+# The measurements, on the session's relaxed packing and through the command line.
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +211,9 @@ def test_check_passes_on_the_relaxed_packing(packing_check):
     result, _, _ = packing_check
     assert result.passed, result.reason
     assert min(r.error for r in fd_rows(result.rows)) <= 1e-5
-    (direct,) = [r for r in result.rows if r.method.startswith("direct")]
+    (direct,) = [r for r in result.rows if r.kind == DIRECT]
     assert direct.error <= 1e-8
-    (implicit_row,) = [r for r in result.rows if r.method.startswith("implicit")]
+    (implicit_row,) = [r for r in result.rows if r.kind == IMPLICIT]
     assert implicit_row.error == 0.0  # the reference the others are measured against
 
 
@@ -94,22 +237,21 @@ def test_unrolled_autodiff_is_the_derivative_of_the_state_reached(packing_check)
     result, quarter, double = packing_check
     rows = {r.steps: r for r in result.rows if r.steps is not None}
     assert sorted(rows) == [quarter, double]
-    assert all(r.method.startswith("unrolled") for r in rows.values())
+    assert all(r.kind == UNROLLED for r in rows.values())
     assert rows[quarter].error > 1e-2
     assert rows[double].error < 1e-6
 
 
-def test_contact_changes_at_every_step_leave_the_verdict_to_the_direct_solve(packing_checker, monkeypatch):
+def test_contact_changes_at_every_step_leave_the_verdict_to_the_direct_solve(packing_checker):
     """`mdsens check --help`: "Finite differences across a change of contacts are reported, not
     blamed on the implicit answer". At h = 1e-3 alone even the particles whose own contacts did
     not change are 0.22 off (the whole network follows the jump): were that row trusted, the
     check would fail. The direct solve agrees to 1e-12, so it passes, and says why."""
-    monkeypatch.setattr(packing_checker, "steps", (1e-3,))
-    result = packing_checker.check("diameter.B", unroll=())
+    result = packing_checker.check("diameter.B", unroll=(), steps=(1e-3,))
     (row,) = fd_rows(result.rows)
     assert row.h == 1e-3 and row.contact_changes > 0
     assert row.error_unchanged > 1e-2
-    (direct,) = [r for r in result.rows if r.method.startswith("direct")]
+    (direct,) = [r for r in result.rows if r.kind == DIRECT]
     assert direct.error <= 1e-8
     assert result.passed, result.reason
     assert result.reason.startswith(
@@ -120,10 +262,9 @@ def test_contact_changes_at_every_step_leave_the_verdict_to_the_direct_solve(pac
 def test_without_a_direct_solve_contact_changes_at_every_step_fail(packing_checker, monkeypatch):
     """A system too large for the direct solve, whose every step changes contacts: nothing
     trusted is left, and the check fails rather than pass or fail on an untrusted row."""
-    monkeypatch.setattr(packing_checker, "steps", (1e-3,))
-    monkeypatch.setattr(check, "DENSE_LIMIT", 0)
-    result = packing_checker.check("diameter.B", unroll=())
-    assert not [r for r in result.rows if r.method.startswith("direct")]
+    monkeypatch.setattr(check, "DIRECT_SOLVE_LIMIT", 0)
+    result = packing_checker.check("diameter.B", unroll=(), steps=(1e-3,))
+    assert not [r for r in result.rows if r.kind == DIRECT]
     (row,) = fd_rows(result.rows)
     assert row.contact_changes > 0
     assert not result.passed
@@ -185,7 +326,7 @@ def test_check_passes_on_a_lennard_jones_crystal_with_a_vacancy(tmp_path, monkey
         assert entry["passed"] is True, entry["reason"]
         fd = fd_rows(entry["rows"])
         assert len(fd) == 2 and all(r["contact_changes"] == 0 for r in fd)  # no contact rule for LJ
-        (direct,) = [r for r in entry["rows"] if r["method"].startswith("direct")]
+        (direct,) = [r for r in entry["rows"] if r["kind"] == DIRECT]
         assert direct["error"] <= 1e-10
     # σ: x* moves around the vacancy, and the comparison is not vacuous: central differences
     # converge as h², 6.7e-7 at h = 1e-4 and 6.3e-9 at 1e-5. ε: E = ε f(x; σ), so x* does not

@@ -1,4 +1,5 @@
-"""The seed paper's experiment (``python -m mdsens.experiments.paper``), smoke version end to end."""
+"""The seed paper's experiment (``mdsens paper``), smoke version end to end, and its figures as a
+reader sees them (drawn from a summary: no physics runs for them)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdsens.experiments.paper import (
-    COST_COLUMNS,
-    FD_COLUMNS,
-    UNROLLED_COLUMNS,
-    default_steps,
-    run_paper,
-)
+from mdsens.experiments.paper import default_steps, run_paper
+from mdsens.experiments.paper_figures import costs_figure, finite_differences_figure, unrolled_figure
+from mdsens.experiments.paper_files import COST_COLUMNS, FD_COLUMNS, UNROLLED_COLUMNS
 
 DATA = Path(__file__).parent / "data"
+# The committed full run: the figures are drawn from its numbers alone.
+COMMITTED = Path(__file__).parent.parent / "results" / "paper" / "paper.json"
 
 
 def _rows(path: Path, columns) -> list[dict]:
@@ -29,6 +28,55 @@ def _rows(path: Path, columns) -> list[dict]:
 
 def test_default_steps_reach_twice_the_converged_count():
     assert default_steps(641) == [10, 20, 50, 100, 200, 500, 641, 1000, 1282]
+
+
+def legend(ax) -> list[str]:
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def test_figures_show_the_summarys_numbers_on_log_axes():
+    """What a reader sees, from the committed summary: log-log axes with their quantities, one
+    marker per measured K or h, the reference lines in the legend, one bar per method."""
+    summary = json.loads(COMMITTED.read_text())
+    rows, best = summary["unrolled"]["rows"], summary["finite_differences"]["best"]
+
+    top, bottom = unrolled_figure(summary).axes
+    for ax in (top, bottom):
+        assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert top.get_ylabel().startswith("relative error of dx*/dθ")
+    assert bottom.get_xlabel() == "K: FIRE steps unrolled from the random start"
+    # The per-step trace, the timed runs, implicit, finite differences, the reference floor.
+    labels = legend(top)
+    assert len(labels) == 5 and labels[0] == "unrolled forward mode, every K"
+    assert labels[3] == f"central finite differences, best h = {best['h']:g}: {best['error']:.1e}"
+    timed = next(line for line in top.lines if line.get_label().startswith("unrolled forward mode, timed"))
+    assert list(timed.get_xdata()) == [r["steps"] for r in rows]
+    assert legend(bottom) == [f"fmax = {summary['relaxation']['fmax']:g}"]
+
+    (ax,) = finite_differences_figure(summary).axes
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log")
+    assert ax.get_xlabel() == "h: step in the diameter of species B (length)"
+    fd_rows = summary["finite_differences"]["rows"]
+    changed = [r for r in fd_rows if r["contact_changes"]]
+    assert changed  # the committed run crosses the near-contact pair at large h
+    assert legend(ax) == [
+        "contacts unchanged between θ ± h",
+        "contact network changes between θ ± h",
+        f"implicit (CG): {summary['implicit']['error']:.1e}",
+    ]
+    assert len(ax.texts) == len(changed)  # each such step says how many particles changed
+
+    time_ax, memory_ax, scaling_ax = costs_figure(summary).axes
+    methods = [c["method"] for c in summary["costs"]]
+    for bars in (time_ax, memory_ax):
+        assert bars.get_yscale() == "log" and len(bars.patches) == len(methods)
+        assert [t.get_text().replace("\n", " ") for t in bars.get_xticklabels()] == methods
+    assert time_ax.get_ylabel() == "wall time (s), after compilation"
+    assert memory_ax.get_ylabel() == "peak memory (MiB)"
+    assert (scaling_ax.get_xscale(), scaling_ax.get_yscale()) == ("log", "log")
+    assert legend(scaling_ax)[0] == "unrolled reverse mode (jax.vjp through K steps)"
+    (reverse,) = [line for line in scaling_ax.lines if line.get_label() == legend(scaling_ax)[0]]
+    assert len(reverse.get_xdata()) == len(rows)
 
 
 @pytest.mark.slow
