@@ -279,7 +279,8 @@ def implicit_root(
             ``lax.stop_gradient``, so it may close over nothing that depends on θ.
         optimality_fn: ``F(x, params)``, zero at the solution, same shape as ``x``.
         linear_solve: see :func:`cg` (default) and :func:`dense`.
-        nullspace: ``nullspace(x, params) -> Q`` (``(x.size, k)``, orthonormal or zero columns).
+        nullspace: ``nullspace(x, params)``: an array Q (``(x.size, k)``, orthonormal or zero
+            columns) or a :class:`NullSpace`.
     """
     linear_solve = cg() if linear_solve is None else linear_solve
 

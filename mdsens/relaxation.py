@@ -30,14 +30,15 @@ class RelaxResult:
     """A relaxed state and how it was reached.
 
     Attributes:
-        positions: relaxed positions, shape (N, d), float64, wrapped into the box.
+        positions: relaxed positions, shape (N, d), float64 (a periodic cell's steps wrap them
+            into the cell).
         energy: E(x*, θ).
         max_force: max_i |F_i| at ``positions``.
         steps: minimiser steps taken.
-        converged: ``max_force <= fmax``.
+        converged: ``max_force <= fmax`` and the energy did not rise (``energy_increased``).
         wall_time: seconds, compilation included.
         minimizer: the minimiser's name.
-        fmax: the force tolerance asked for.
+        fmax: the force tolerance this relaxation ran to (the engine's or the call's).
         initial_energy: E at the start; a relaxation that ends higher than it started is
             unstable (time step too large) and is not ``converged`` whatever its forces.
     """
