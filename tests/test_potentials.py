@@ -24,6 +24,7 @@ from ase.calculators.lj import LennardJones
 from ase.calculators.morse import MorsePotential
 
 from mdsens.potentials import POTENTIALS
+from mdsens.references import central_difference, relative_error
 from mdsens.relaxation import Relaxer
 from mdsens.sensitivity import Sensitivity, parameter_names, unit_tangent
 from mdsens.system import load_system
@@ -347,35 +348,19 @@ def test_lj13_with_the_default_cutoff_is_another_energy(lj13, lj13_default_cutof
 # --- dx*/dθ against central finite differences ------------------------------------------------------
 
 
-def shifted_params(system, name: str, h: float) -> dict:
-    tangent = unit_tangent(system, name)
-    return jax.tree_util.tree_map(lambda p, t: p + h * t, system.params, tangent)
-
-
-def central_difference(system, relaxer, relaxed, params_plus, params_minus, h: float) -> np.ndarray:
-    """(x*(θ + h) − x*(θ − h)) / 2h, minimum image, both warm-started from x*(θ)."""
-    plus = relaxer.relax(params=params_plus, x0=relaxed.positions)
-    minus = relaxer.relax(params=params_minus, x0=relaxed.positions)
-    plus.require_converged()
-    minus.require_converged()
-    delta = jax.vmap(system.displacement)(jnp.asarray(plus.positions), jnp.asarray(minus.positions))
-    return np.asarray(delta) / (2 * h)
-
-
-def fd_by_parameter(system, relaxer, relaxed, name: str, h: float) -> np.ndarray:
-    return central_difference(
-        system, relaxer, relaxed, shifted_params(system, name, h), shifted_params(system, name, -h), h
-    )
+def fd_by_parameter(relaxer, relaxed, name: str, h: float):
+    """Central difference in the scalar parameter ``name``, warm-started from x*; converged."""
+    system = relaxer.system
+    fd = central_difference(relaxer, relaxed.positions, system.params, unit_tangent(system, name), h)
+    fd.plus.require_converged()
+    fd.minus.require_converged()
+    return fd
 
 
 def report(label: str, errors: list[float], kind: str = "relative FD error") -> None:
     """Print the errors at every step (shown with ``pytest -s``)."""
     steps = ", ".join(f"{h:g}" for h in FD_STEPS)
     print(f"\n{label}: {kind} at h = {steps}: {', '.join(f'{e:.2e}' for e in errors)}")
-
-
-def rel_err(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
 
 
 FD_SYSTEMS = {
@@ -420,30 +405,29 @@ def fd_systems():
 def test_dx_matches_central_differences(name, parameter, fd_systems):
     """‖dx* − FD‖/‖FD‖ ≤ 1e-5 for every parameter, the best of the steps in FD_STEPS.
 
-    Translation is removed from the FD over the particles that are not rattlers (the null space
-    mdsens removes); rattlers are particles without contacts here, which FD leaves in place and
-    mdsens masks to 0. ε is an energy scale, E(x; ε) = ε·E₁(x), so ∇E = 0 at the same x* for
-    every ε and dx*/dε is exactly 0 (the implicit right-hand side −∂F/∂ε = −F(x*)/ε is below
-    fmax, so CG stops at once, and the warm-started FD relaxations do not move): a relative
-    error is meaningless there, and both must vanish to an absolute 1e-10.
+    The FD has the null space mdsens removes projected out (translation of the particles that
+    are not rattlers, and the rattlers); rattlers are particles without contacts here, which the
+    FD relaxations leave in place and mdsens masks to 0. ε is an energy scale, E(x; ε) = ε·E₁(x),
+    so ∇E = 0 at the same x* for every ε and dx*/dε is exactly 0 (the implicit right-hand side
+    −∂F/∂ε = −F(x*)/ε is below fmax, so CG stops at once, and the warm-started FD relaxations do
+    not move): a relative error is meaningless there, and both must vanish to an absolute 1e-10.
     """
-    system, relaxer, relaxed, sensitivity, rattlers, contacts = fd_systems(name)
+    _, relaxer, relaxed, sensitivity, rattlers, contacts = fd_systems(name)
     entry = sensitivity.parameters[parameter]
     assert entry.converged
     dx = entry.dx
-    keep = ~rattlers
     assert np.all(contacts[rattlers] == 0)
     assert np.all(dx[rattlers] == 0.0)
 
     errors = []
     for h in FD_STEPS:
-        fd = fd_by_parameter(system, relaxer, relaxed, parameter, h)
-        assert np.max(np.abs(fd[rattlers]), initial=0.0) < 1e-12  # nothing pushes a rattler
-        fd = fd[keep] - fd[keep].mean(axis=0)
+        fd = fd_by_parameter(relaxer, relaxed, parameter, h)
+        assert np.max(np.abs(fd.raw_dx[rattlers]), initial=0.0) < 1e-12  # nothing pushes a rattler
+        np.testing.assert_array_equal(fd.dx[rattlers], 0.0)
         if parameter.startswith("epsilon"):
-            errors.append(float(np.max(np.abs(fd))))
+            errors.append(float(np.max(np.abs(fd.dx))))
         else:
-            errors.append(rel_err(dx[keep], fd))
+            errors.append(relative_error(dx, fd.dx))
     kind = "max|FD|" if parameter.startswith("epsilon") else "relative FD error"
     report(f"{name} {parameter}", errors, kind)
     if parameter.startswith("epsilon"):
@@ -467,20 +451,6 @@ def binary_cluster(binary_cluster_file):
     names = [f"{p}.{s}" for p in ("sigma", "epsilon") for s in ("Kr", "Ar", "Kr-Ar", "Kr-Kr", "Ar-Ar")]
     sensitivity = Sensitivity(system).compute(relaxed, names, spectrum=False)
     return system, relaxed, sensitivity
-
-
-def rigid_basis(x: np.ndarray) -> np.ndarray:
-    """Orthonormal basis (3N × 6) of rigid translations and rotations about the centroid."""
-    r = x - x.mean(axis=0)
-    vectors = [np.tile(e, (len(x), 1)) for e in np.eye(3)] + [np.cross(e, r) for e in np.eye(3)]
-    q, _ = np.linalg.qr(np.stack([v.ravel() for v in vectors], axis=1))
-    return q
-
-
-def without_rigid_motion(x: np.ndarray, v: np.ndarray) -> np.ndarray:
-    q = rigid_basis(x)
-    flat = v.ravel()
-    return (flat - q @ (q.T @ flat)).reshape(v.shape)
 
 
 @pytest.mark.parametrize("parameter", ["sigma", "epsilon"])
@@ -514,8 +484,12 @@ def test_unlike_pair_derivative_matches_fd_of_the_overridden_pair(
         plus, minus = overridden(mixed + h), overridden(mixed - h)
         assert parameter_names(plus) == parameter_names(at_mixed)
         assert float(plus.pair_values()[parameter][0, 1]) == mixed + h
-        fd = central_difference(at_mixed, relaxer, relaxed, plus.params, minus.params, h)
-        errors.append(rel_err(dx, without_rigid_motion(relaxed.positions, fd)))
+        # θ ± h t with t the difference of the two overridden systems' parameters over 2h.
+        tangent = jax.tree_util.tree_map(lambda p, m, h=h: (p - m) / (2 * h), plus.params, minus.params)
+        fd = central_difference(relaxer, relaxed.positions, at_mixed.params, tangent, h)
+        fd.plus.require_converged()
+        fd.minus.require_converged()
+        errors.append(relative_error(dx, fd.dx))
     report(f"binary LJ13 {name} = {mixed:.6g}", errors)
     assert np.linalg.norm(dx) > 1e-2
     assert min(errors) <= 1e-5
@@ -528,8 +502,8 @@ def test_species_derivative_is_the_chain_rule_of_the_mixing_rules(binary_cluster
     for a, b in (("Ar", "Kr"), ("Kr", "Ar")):
         pair = "Kr-Ar"
         chain = dx[f"sigma.{a}-{a}"] + 0.5 * dx[f"sigma.{pair}"]
-        assert rel_err(dx[f"sigma.{a}"], chain) < 1e-9
+        assert relative_error(dx[f"sigma.{a}"], chain) < 1e-9
         chain = dx[f"epsilon.{a}-{a}"] + 0.5 * math.sqrt(EPSILON[b] / EPSILON[a]) * dx[f"epsilon.{pair}"]
-        assert rel_err(dx[f"epsilon.{a}"], chain) < 1e-9
+        assert relative_error(dx[f"epsilon.{a}"], chain) < 1e-9
     # Two species with different ε: unlike ε_A does move the minimum (unlike a single species).
     assert np.linalg.norm(dx["epsilon.Ar"]) > 1e-3

@@ -1,6 +1,6 @@
 """Rattlers and the Hessian spectrum, against references that share nothing with mdsens.
 
-* The N = 1024 paper packing (tests/data/paper-packing-N1024.npz, from ../shared/data: JAX-MD
+* The N = 1024 paper packing (tests/data/paper-packing-N1024.npz: JAX-MD
   FIRE, dense pseudo-inverse cross-checked by a sparse direct solve) has one rattler. mdsens must
   find it, mask its dx*/dθ, match the fixture's dx*/dθ on every other particle, and give a finite
   reverse-mode gradient for an observable that weights every particle, rattler included. Without
@@ -22,7 +22,6 @@ N = 128 fixture 1e-12; spectrum dense vs eigvalsh 1e-13, Lanczos vs dense 2e-13.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ase.io
 import jax
@@ -31,19 +30,12 @@ import numpy as np
 import pytest
 
 from mdsens import implicit, spectrum
+from mdsens.references import central_difference, relative_error
 from mdsens.relaxation import Relaxer
 from mdsens.run import save_relaxation, save_sensitivity
 from mdsens.sensitivity import Sensitivity, _warnings, optimality_fn, relaxed_positions_fn, unit_tangent
 from mdsens.spectrum import Spectrum
 from mdsens.system import build_system, load_system
-
-DATA = Path(__file__).parent / "data"
-FD_STEP = 1e-5  # the N = 128 packing's nearest non-contact pair is 7e-5 from contact
-
-
-def load_fixture(name: str) -> dict[str, np.ndarray]:
-    with np.load(DATA / name) as data:
-        return {key: data[key] for key in data.files}
 
 
 def min_image(a: np.ndarray, box: float) -> np.ndarray:
@@ -71,17 +63,13 @@ def remove_mean(dx: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return out
 
 
-def rel_err(a, b) -> float:
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
-
-
 # --------------------------------------------------------------------------------------------
 # The N = 1024 paper packing and its one rattler
 
 
 @pytest.fixture(scope="module")
-def n1024():
-    ref = load_fixture("paper-packing-N1024.npz")
+def n1024(load_reference):
+    ref = load_reference("paper-packing-N1024.npz")
     system = load_system("binary-packing", overrides=["n_particles=1024"])
     return system, ref
 
@@ -123,7 +111,7 @@ def test_forward_sensitivity_matches_the_fixture_and_masks_the_rattler(n1024, n1
     # particles (its rattler entry is ~1e-14). Compare on the non-rattlers up to a translation.
     keep = ~rattler
     np.testing.assert_allclose(entry.dx[keep].mean(axis=0), 0.0, atol=1e-12)
-    assert rel_err(remove_mean(entry.dx, keep), remove_mean(ref["dx_ddiameter_B"], keep)) <= 1e-8
+    assert relative_error(remove_mean(entry.dx, keep), remove_mean(ref["dx_ddiameter_B"], keep)) <= 1e-8
     assert "rattlers (1)" in result.removed_modes
     assert any("1 rattler(s)" in warning for warning in result.warnings)
 
@@ -240,27 +228,23 @@ def test_the_rattlers_sensitivity_is_zero_and_the_others_are_the_packings(hole):
     assert sorted(dx) == ["diameter.A", "diameter.B", "diameter.C"]
     for name, value in dx.items():
         assert np.all(value[128] == 0.0), name
-    assert rel_err(dx["diameter.B"][:128], ref["dx_ddiameter_B"]) <= 1e-8
+    assert relative_error(dx["diameter.B"][:128], ref["dx_ddiameter_B"]) <= 1e-8
     assert np.all(dx["diameter.C"] == 0.0)
     assert result.parameters["diameter.C"].denergy == 0.0
 
 
 @pytest.mark.parametrize("name", ["diameter.A", "diameter.B"])
-def test_hole_sensitivity_matches_central_finite_differences(name, hole):
+def test_hole_sensitivity_matches_central_finite_differences(name, hole, packing_fd_step):
     system, _, positions, result, relaxer = hole
-    tangent = unit_tangent(system, name)
-    ends = []
-    for sign in (1.0, -1.0):
-        params = jax.tree_util.tree_map(lambda p, t, s=sign: p + s * FD_STEP * t, system.params, tangent)
-        relaxed = relaxer.relax(params=params, x0=positions)
-        relaxed.require_converged()
-        ends.append(relaxed.positions)
-    fd = min_image(ends[0] - ends[1], float(system.box[0])) / (2 * FD_STEP)
+    fd = central_difference(relaxer, positions, system.params, unit_tangent(system, name), packing_fd_step)
+    fd.plus.require_converged()
+    fd.minus.require_converged()
     # A particle without contact feels no force: FIRE does not move it at all.
-    assert np.all(fd[128] == 0.0)
+    assert np.all(fd.raw_dx[128] == 0.0)
     keep = np.arange(129) != 128
-    dx = result.parameters[name].dx
-    assert rel_err(dx, remove_mean(fd, keep)) <= 5e-6
+    # The projected difference is the raw one with the mean over the others removed.
+    np.testing.assert_allclose(fd.dx, remove_mean(fd.raw_dx, keep), rtol=0, atol=1e-12)
+    assert relative_error(result.parameters[name].dx, fd.dx) <= 5e-6
 
 
 # --------------------------------------------------------------------------------------------
