@@ -98,9 +98,7 @@ def measure(n: int, fmax: float | None = None, cap: int = CAP) -> dict:
     relax_memory = common.peak_memory(jax.jit(relaxer.solve), system.params, jnp.asarray(system.positions))
     reverse_memory = common.peak_memory(reverse, x, system.params, cotangent)
     forward_memory = common.peak_memory(forward, x, system.params, tangent)
-    unrolled_memory = common.peak_memory(
-        _unrolled_pullback(relaxer, relaxed.steps), system.params, cotangent
-    )
+    unrolled_memory = common.peak_memory(_unrolled_pullback(relaxer, relaxed.steps), system.params, cotangent)
     row = {
         "N": n,
         "K": relaxed.steps,
