@@ -7,6 +7,7 @@ prints; ``console`` holds the error policy and exit codes, ``options`` the share
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -25,6 +26,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help, not Rich panels: Typer's panels print a Python type beside every option
+    # (`<str>`, `<list[str]>`, even `--help <bool>`), keep the docstrings' hard line breaks in the
+    # command list and split `--spectrum/--no-spectrum` over two columns. Plain help shows each
+    # option's metavar (options.py) and rewraps the text; usage errors stay one line.
+    rich_markup_mode=None,
 )
 
 # Registered here, not by decorators in each module, so that this tuple is the order in which
@@ -38,17 +44,27 @@ for _command in (
     paper.paper,
     systems.systems,
 ):
-    app.command()(_command)
+    # The command list shows each docstring's first paragraph whole, rewrapped to the terminal
+    # (Click would cut it at the first sentence's width with "...").
+    summary = " ".join(inspect.getdoc(_command).split("\n\n")[0].split())
+    app.command(short_help=summary)(_command)
+
+
+# The commands that compile JAX functions; the others (plot, export, systems) must start without
+# touching an accelerator.
+COMPILING = ("relax", "sensitivity", "check", "paper")
 
 
 @app.callback()
-def _compilation_cache() -> None:
+def _compilation_cache(ctx: typer.Context) -> None:
     """Keep compiled functions on disk, so a second run of the same system shape starts fast.
 
     On by default on GPU and TPU. Off on CPU: jaxlib 0.10 rejects its own CPU cache entries on
     reload and logs an error for each (jax issue 38445), so the cache would only cost time.
     MDSENS_COMPILATION_CACHE=DIR turns it on anywhere, MDSENS_COMPILATION_CACHE="" off.
     """
+    if ctx.invoked_subcommand not in COMPILING:
+        return
     import jax
 
     directory = os.environ.get("MDSENS_COMPILATION_CACHE")
@@ -59,9 +75,9 @@ def _compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point; ``argv`` replaces ``sys.argv[1:]`` (for scripts and tests)."""
+    app(args=argv, prog_name="mdsens")
 
 
 __all__ = ["app", "main"]

@@ -28,12 +28,19 @@ def check(
     run: RunOption = None,
     tol: Annotated[
         float,
-        typer.Option("--tol", help="Largest relative disagreement with a trusted reference that passes."),
+        typer.Option(
+            "--tol",
+            metavar="TOL",
+            help="Largest relative disagreement with a trusted reference that passes.",
+        ),
     ] = 1e-5,
     h: Annotated[
         list[float] | None,
         typer.Option(
-            "--h", help="Finite-difference step; repeatable (default: 1e-4, 1e-5, 1e-6).", show_default=False
+            "--h",
+            metavar="H",
+            help="Finite-difference step; repeatable (default: 1e-4, 1e-5, 1e-6).",
+            show_default=False,
         ),
     ] = None,
     unroll: Annotated[

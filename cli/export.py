@@ -17,7 +17,10 @@ def export(
     format_: Annotated[
         str,
         typer.Option(
-            "--format", "-f", help="Any format ase.io.write writes: vasp, cif, lammps-data, xyz, ..."
+            "--format",
+            "-f",
+            metavar="FORMAT",
+            help="Any format ase.io.write writes: vasp, cif, lammps-data, xyz, ...",
         ),
     ],
     run: RunOption = None,

@@ -1,5 +1,8 @@
 """The options several commands share, each defined once as an annotated type.
 
+Every option that takes a value names it with a metavar (``--run DIR``, ``--set KEY=VALUE``): help
+shows that name, never the Python type behind it.
+
 Options whose wording differs by command (what ``--param`` selects, what ``--out`` writes) are
 built by a function that takes that wording; everything else about them is fixed here.
 """
@@ -15,6 +18,7 @@ RunOption = Annotated[
     Path | None,
     typer.Option(
         "--run",
+        metavar="DIR",
         help="Run directory written by `mdsens relax` (default: the latest run under results/).",
         show_default=False,
     ),
@@ -27,6 +31,7 @@ SystemOption = Annotated[
     typer.Option(
         "--system",
         "-s",
+        metavar="NAME|FILE",
         help="Shipped recipe name (see `mdsens systems`) or path to a recipe .toml, "
         "e.g. a previous run's RUN/system.toml to reproduce it. Default: binary-packing, "
         "or none with --structure.",
@@ -38,6 +43,7 @@ StructureOption = Annotated[
     Path | None,
     typer.Option(
         "--structure",
+        metavar="FILE",
         help="Structure file in any format ase.io.read reads (extxyz, xyz, CIF, POSCAR, "
         "LAMMPS data, ...): positions, cell, periodicity and species come from it. Give the "
         "potential with --potential and its parameters with --set, e.g. "
@@ -49,7 +55,10 @@ StructureOption = Annotated[
 IndexOption = Annotated[
     int | None,
     typer.Option(
-        "--index", help="Frame of a multi-frame structure file (default: the last).", show_default=False
+        "--index",
+        metavar="N",
+        help="Frame of a multi-frame structure file (default: the last).",
+        show_default=False,
     ),
 ]
 
@@ -57,6 +66,7 @@ PotentialOption = Annotated[
     str | None,
     typer.Option(
         "--potential",
+        metavar="NAME",
         help="Potential: soft_sphere, lennard_jones or morse (see docs/potentials.md).",
         show_default=False,
     ),
@@ -66,6 +76,7 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option(
         "--set",
+        metavar="KEY=VALUE",
         help="Override a recipe field, KEY=VALUE with a dotted key and a TOML value; "
         "repeatable. E.g. --set n_particles=256 --set species.B.diameter=0.7 "
         "--set minimizer.fmax=1e-10 --set box.packing_fraction=0.9.",
@@ -77,6 +88,7 @@ SeedOption = Annotated[
     int | None,
     typer.Option(
         "--seed",
+        metavar="N",
         help="Seed of the random initial positions (overrides the recipe's).",
         show_default=False,
     ),
@@ -87,12 +99,14 @@ SeedOption = Annotated[
 
 def param_option(help: str) -> Any:
     """``--param``/``-p``, repeatable: the parameters a command works on (none given: its default)."""
-    return Annotated[list[str] | None, typer.Option("--param", "-p", help=help, show_default=False)]
+    return Annotated[
+        list[str] | None, typer.Option("--param", "-p", metavar="NAME", help=help, show_default=False)
+    ]
 
 
-def out_option(kind: type, help: str, show_default: bool = False) -> Any:
+def out_option(kind: type, help: str, show_default: bool = False, metavar: str = "PATH") -> Any:
     """``--out``/``-o``: the file or directory a command writes, of type ``kind`` (or None)."""
-    return Annotated[kind, typer.Option("--out", "-o", help=help, show_default=show_default)]
+    return Annotated[kind, typer.Option("--out", "-o", metavar=metavar, help=help, show_default=show_default)]
 
 
 def allow_unconverged_option(help: str) -> Any:

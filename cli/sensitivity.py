@@ -32,6 +32,7 @@ def sensitivity(
     solver: Annotated[
         str | None,
         typer.Option(
+            metavar="cg|dense",
             help="Linear solver: `cg` (matrix-free conjugate gradients on Hessian-vector products) "
             "or `dense` (eigendecomposition of the full Hessian; small systems). Default: the recipe's.",
             show_default=False,

@@ -27,7 +27,8 @@ from functools import cached_property
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import partition
+
+from mdsens.jaxmd import partition
 
 AUTO_MIN_PARTICLES = 64
 """``mode = "auto"`` uses a neighbour list from this many particles on. Measured on two CPU

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
-from jax_md import smap, space
+
+from mdsens.jaxmd import smap, space
 
 PAIR = "pair"
 EnergyFn = Callable[[Any, dict], Any]

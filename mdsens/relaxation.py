@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import minimize
 
 from mdsens.errors import NotConvergedError
+from mdsens.jaxmd import minimize
 from mdsens.neighbors import overflowed
 from mdsens.system import System
 

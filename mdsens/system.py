@@ -24,11 +24,11 @@ import ase
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_md import space
 
 from mdsens import contacts, list_coverage, zero_modes
 from mdsens.errors import UserError
 from mdsens.implicit import NullSpace
+from mdsens.jaxmd import space
 from mdsens.list_coverage import check_minimum_image, listed_energy
 from mdsens.neighbors import PairList, build_pair_list, use_pair_list
 from mdsens.potentials import (
