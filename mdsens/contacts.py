@@ -40,6 +40,10 @@ def contact_graph(system: System, x, params):
     return i, j, valid & (distances < reach[types[i], types[j]])
 
 
+# Compiled once per system (a System hashes by identity), without storing anything in it.
+_contact_graph_jit = jax.jit(contact_graph, static_argnums=0)
+
+
 def _contact_counts(system: System, graph, active):
     """Contacts of every particle with the ``active`` particles."""
     i, j, touching = graph
@@ -65,7 +69,7 @@ def contact_changes(system: System, x_a, params_a, x_b, params_b) -> np.ndarray:
         return changed
     sets = []
     for x, params in ((x_a, params_a), (x_b, params_b)):
-        i, j, touching = (np.asarray(a) for a in system.contact_graph_jit(jnp.asarray(x), params))
+        i, j, touching = (np.asarray(a) for a in _contact_graph_jit(system, jnp.asarray(x), params))
         pairs = np.stack([np.minimum(i, j)[touching], np.maximum(i, j)[touching]], axis=1)
         sets.append(set(map(tuple, pairs.tolist())))
     for a, b in sets[0] ^ sets[1]:

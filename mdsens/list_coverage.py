@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens.errors import UserError
-from mdsens.neighbors import PairList, build_pair_list, overflowed, use_pair_list
+from mdsens.neighbors import PairList, build_pair_list, cell_list_problem, overflowed
 from mdsens.potentials import pair_tables
 
 if TYPE_CHECKING:
@@ -71,12 +71,14 @@ def for_params(system: System, params, x=None) -> System:
     check_minimum_image(system.space_kind, system.cell, reach)
     settings = system.recipe["neighbors"]
     cutoff = max(reach * (1 + settings["margin"]), system.pair_list.cutoff)
-    if not use_pair_list({**settings, "mode": "always"}, system.n_particles, system.space_kind, box, reach):
+    sample = system.positions if x is None else np.asarray(x)
+    problem = cell_list_problem(settings, sample, system.space_kind, box, reach)
+    if problem is not None:
         raise UserError(
             f"the interaction range at these parameters ({reach:.4g}) is too large for a neighbour"
-            " list in this cell; build the system with these parameters and neighbors.mode = never"
+            f" list in this cell (a cell list {problem}); build the system with these parameters"
+            " and neighbors.mode = never"
         )
-    sample = system.positions if x is None else np.asarray(x)
     pair_list = build_pair_list(system.displacement, box, cutoff, settings, sample)
     energy_fn = listed_energy(
         system.potential,

@@ -16,18 +16,21 @@ an overflow flag, and the caller allocates a larger one and redoes the work (it 
 reallocated inside ``jit``).
 
 Free clusters and triclinic cells always use all pairs (JAX-MD's cell list needs an orthorhombic
-box), and so does any cell not wider than three times ``cutoff + skin`` along every axis.
+box), and so does any cell not wider than three times ``cutoff + skin`` along every axis, or so
+large for its particles that the cell list would need more than :data:`MEMORY_LIMIT` (64 atoms in
+a 10⁶-wide cell: 10¹⁷ empty cells). A system whose all-pairs arrays would not fit either is
+refused (:func:`use_pair_list`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdsens.errors import UserError
 from mdsens.jaxmd import partition
 
 AUTO_MIN_PARTICLES = 64
@@ -38,6 +41,9 @@ MODES = ("auto", "always", "never")
 DEFAULTS = {"mode": "auto", "skin": 0.3, "margin": 0.1, "capacity": 1.5}
 """``margin`` is a fraction of the interaction range, ``skin`` a fraction of the list's cutoff;
 ``capacity`` multiplies the number of pairs found when a list is allocated."""
+MEMORY_LIMIT = 2**31
+"""Bytes that a cell list's cells, or the (N, N) arrays of all pairs, may take (2 GiB): checked
+before allocating, since JAX-MD sizes its cell list by the cell's volume, however empty."""
 
 
 def overflowed(neighbors: partition.NeighborList) -> jax.Array:
@@ -45,7 +51,7 @@ def overflowed(neighbors: partition.NeighborList) -> jax.Array:
     return neighbors.did_buffer_overflow != 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a static argument of jax.jit
 class PairList:
     """Neighbour-list functions for one system shape and cutoff.
 
@@ -66,10 +72,9 @@ class PairList:
     _exact: partition.NeighborListFns
     _template: partition.NeighborList
 
-    @cached_property
-    def at_jit(self):
-        """:meth:`at`, compiled (for checks outside ``jit``)."""
-        return jax.jit(self.at)
+    def at_jit(self, x) -> partition.NeighborList:
+        """:meth:`at`, compiled once per list (for checks outside ``jit``)."""
+        return _list_at(self, x)
 
     def allocate(self, x) -> partition.NeighborList:
         """A list with skin for a relaxation starting at ``x`` (not jittable: sizes the buffers)."""
@@ -98,6 +103,9 @@ class PairList:
         return self._exact.update(x, replace(self._template, reference_position=x))
 
 
+_list_at = jax.jit(PairList.at, static_argnums=0)
+
+
 def build_pair_list(displacement, box: np.ndarray, cutoff: float, settings: dict, x0) -> PairList:
     """Neighbour-list functions for an orthorhombic periodic ``box`` (side lengths) and ``cutoff``."""
     skin = settings["skin"] * cutoff
@@ -113,12 +121,64 @@ def build_pair_list(displacement, box: np.ndarray, cutoff: float, settings: dict
     return PairList(cutoff, skin, settings["capacity"], int(np.shape(x0)[0]), box, skinned, exact, template)
 
 
-def use_pair_list(settings: dict, n_particles: int, space_kind: str, box: np.ndarray, reach: float) -> bool:
-    """Whether a system whose interaction range is ``reach`` gets a neighbour list (see the
-    module docstring)."""
-    if settings["mode"] == "never" or (settings["mode"] == "auto" and n_particles < AUTO_MIN_PARTICLES):
-        return False
-    return possible_pair_list(space_kind, box, reach * (1 + settings["margin"]) * (1 + settings["skin"]))
+def cell_list_bytes(box: np.ndarray, cutoff: float, capacity: float, x) -> float:
+    """Memory that JAX-MD's cell list for ``cutoff`` takes at positions ``x``: one slot per
+    particle a cell can hold (the fullest cell's count × ``capacity``) in every cell, each slot a
+    position and an index. A float: it may exceed any integer type."""
+    box = np.asarray(box, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    per_side = np.floor(box / cutoff)
+    cells = np.floor(np.mod(x, box) / (box / per_side)).astype(np.int64)
+    cells = np.mod(cells, per_side.astype(np.int64))  # as JAX-MD does, for x on the far edge
+    fullest = np.unique(cells, axis=0, return_counts=True)[1].max()
+    return float(np.prod(per_side)) * int(fullest * capacity) * (x.shape[1] + 1) * 8
+
+
+def all_pairs_bytes(n_particles: int, dimension: int) -> float:
+    """Memory of the (N, N) distance and (N, N, d) displacement arrays of an all-pairs sum."""
+    return float(n_particles) ** 2 * (dimension + 1) * 8
+
+
+def cell_list_problem(settings: dict, x, space_kind: str, box: np.ndarray, reach: float) -> str | None:
+    """Why no cell list can serve a system whose interaction range is ``reach`` (``None``: one can)."""
+    cutoff = reach * (1 + settings["margin"])
+    if not possible_pair_list(space_kind, box, cutoff * (1 + settings["skin"])):
+        return (
+            "needs an orthorhombic periodic cell at least three list cutoffs"
+            f" ({cutoff * (1 + settings['skin']):.3g}) wide"
+        )
+    need = cell_list_bytes(box, cutoff, settings["capacity"], x)
+    if need > MEMORY_LIMIT:
+        return (
+            f"would need {need / 2**30:.3g} GiB in this cell, above mdsens.neighbors.MEMORY_LIMIT ="
+            f" {MEMORY_LIMIT / 2**30:g} GiB (a cell this large for its particles is mostly empty)"
+        )
+    return None
+
+
+def use_pair_list(settings: dict, x, space_kind: str, box: np.ndarray, reach: float) -> bool:
+    """Whether a system with positions ``x`` (N, d) whose interaction range is ``reach`` gets a
+    neighbour list (see the module docstring).
+
+    Raises:
+        UserError: ``mode = "always"`` where no cell list fits, or all pairs where their arrays
+            would take more than :data:`MEMORY_LIMIT`.
+    """
+    n, d = np.shape(x)
+    if settings["mode"] != "never":
+        problem = cell_list_problem(settings, x, space_kind, box, reach)
+        if problem is None and (settings["mode"] == "always" or n >= AUTO_MIN_PARTICLES):
+            return True
+        if settings["mode"] == "always":
+            raise UserError(f"neighbors.mode = always: a cell list {problem}; use neighbors.mode = auto")
+    need = all_pairs_bytes(n, d)
+    if need > MEMORY_LIMIT:
+        raise UserError(
+            f"{n} particles summed over all pairs would need {need / 2**30:.3g} GiB, above"
+            f" mdsens.neighbors.MEMORY_LIMIT = {MEMORY_LIMIT / 2**30:g} GiB; use an orthorhombic"
+            " periodic cell of normal density with neighbors.mode = auto (a neighbour list)"
+        )
+    return False
 
 
 def possible_pair_list(space_kind: str, box: np.ndarray, reach: float) -> bool:

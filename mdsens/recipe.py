@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import tomli_w
 
 from mdsens import neighbors
+from mdsens import validate as check
 from mdsens.errors import UserError
 from mdsens.potentials import POTENTIALS
 
@@ -32,11 +34,12 @@ MINIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 SENSITIVITY_DEFAULTS: dict[str, Any] = {"solver": "cg", "tol": 1e-12, "maxiter": 0}
 SOLVERS = ("cg", "dense")
-TOP_LEVEL = {"name": "", "description": "", "seed": 0}
+TOP_LEVEL = {"name": "run", "description": "", "seed": 0}
 # Optional: positions from a file (structure, structure_index), or random (dimension,
 # n_particles); rattle displaces every initial position by a Gaussian of this width (seeded).
 OPTIONAL_TOP_LEVEL = ("dimension", "n_particles", "structure", "structure_index", "rattle")
-LATTICES = ("fcc", "bcc", "sc")
+LATTICES = {"fcc": 4, "bcc": 2, "sc": 1}
+"""Lattice kinds and their sites per cubic cell."""
 LATTICE_DEFAULTS: dict[str, Any] = {
     "kind": "fcc",
     "a": 1.5496,
@@ -81,7 +84,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 def _prune_parameters(recipe: Recipe, potential: str) -> None:
     """Drop species and pair values of parameters that ``potential`` does not have."""
-    known = POTENTIALS[potential].parameters if potential in POTENTIALS else {}
+    known = POTENTIALS[potential].parameters if isinstance(potential, str) and potential in POTENTIALS else {}
     for section, keep in (("species", {"fraction"}), ("pairs", set())):
         for entry in recipe.get(section, {}).values():
             if isinstance(entry, dict):
@@ -107,8 +110,11 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
     Keys must name a field the recipe has or may have (checked by :func:`resolve`). Setting
     ``box.side`` drops ``box.packing_fraction`` and vice versa, since a box has one of them;
     setting ``minimizer.name`` or ``potential.name`` drops the settings the new method lacks.
+    A ``description`` that the overrides do not replace gets the changed values appended, since
+    it may state the values they change ("128 particles").
     """
     recipe = copy.deepcopy(recipe)
+    changes = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -120,18 +126,30 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> R
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
                 raise UserError(f"bad --set key {key!r}: {part!r} is not a table")
-        table[leaf] = _parse_value(raw.strip())
+        value = _parse_value(raw.strip())
+        if key not in ("name", "description") and (leaf not in table or table[leaf] != value):
+            changes.append(f"{key} = {raw.strip()}")
+        table[leaf] = value
         if parents == ["box"]:
             other = {"side": "packing_fraction", "packing_fraction": "side"}.get(leaf)
             table.pop(other, None)
-        elif key in ("minimizer.name", "potential.name"):
-            # A new method keeps only the settings it understands (the rest take its defaults).
+        elif key in ("minimizer.name", "potential.name") and isinstance(value, str):
+            # A new method keeps only the settings it understands (the rest take its defaults);
+            # a name that is not a string is left for resolve() to refuse.
             registry = MINIMIZER_DEFAULTS if parents == ["minimizer"] else _potential_defaults()
-            allowed = registry.get(table[leaf], {})
+            allowed = registry.get(value, {})
             for stale in [k for k in table if k != "name" and k not in allowed]:
                 del table[stale]
             if parents == ["potential"]:
-                _prune_parameters(recipe, table[leaf])
+                _prune_parameters(recipe, value)
+    described = recipe.get("description")
+    if (
+        changes
+        and isinstance(described, str)
+        and described
+        and not any(item.partition("=")[0].strip() == "description" for item in overrides)
+    ):
+        recipe["description"] = f"{described}; but with {', '.join(changes)}"
     return recipe
 
 
@@ -143,20 +161,9 @@ def _check_keys(table: dict, allowed, where: str) -> None:
         )
 
 
-def _number(value: Any, key: str, *, integer: bool = False, positive: bool = True) -> Any:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise UserError(
-            f"recipe key {key!r} must be {'an integer' if integer else 'a number'}, got {value!r}"
-        )
-    if positive and value <= 0:
-        raise UserError(f"recipe key {key!r} must be positive, got {value!r}")
-    return value if integer else float(value)
-
-
 def _check_species_name(name: str) -> None:
     # "." separates a parameter from its species and "-" the two species of a pair.
-    if not name or "." in name or "-" in name or " " in name:
+    if not name or "." in name or "-" in name or " " in name or not name.isprintable():
         raise UserError(f"bad species name {name!r}: use letters, digits and '_' only")
 
 
@@ -166,33 +173,38 @@ def _resolve_box(box: dict, dimension: int) -> dict:
     if len(box) != 1:
         raise UserError("recipe table [box] needs exactly one of 'packing_fraction' or 'side'")
     if "packing_fraction" in box:
-        box["packing_fraction"] = _number(box["packing_fraction"], "box.packing_fraction")
+        box["packing_fraction"] = check.real(
+            box["packing_fraction"], "box.packing_fraction", *check.PACKING_FRACTIONS
+        )
     elif isinstance(box["side"], list):
         if len(box["side"]) != dimension:
             raise UserError(f"recipe key 'box.side' needs {dimension} lengths, got {box['side']}")
-        box["side"] = [_number(v, "box.side") for v in box["side"]]
+        box["side"] = [check.scale(v, "box.side") for v in box["side"]]
     else:
-        box["side"] = _number(box["side"], "box.side")
+        box["side"] = check.scale(box["side"], "box.side")
     return box
 
 
 def _resolve_lattice(lattice: dict) -> dict:
     _check_keys(lattice, LATTICE_DEFAULTS, "lattice.")
     out = {**LATTICE_DEFAULTS, **lattice}
-    if out["kind"] not in LATTICES:
-        raise UserError(f"unknown lattice.kind {out['kind']!r}; known: {', '.join(LATTICES)}")
-    out["a"] = _number(out["a"], "lattice.a")
-    if not isinstance(out["symbol"], str):
-        raise UserError("recipe key 'lattice.symbol' must be a string (the species name)")
-    _check_species_name(out["symbol"])
+    out["kind"] = check.choice(out["kind"], "lattice.kind", tuple(LATTICES))
+    out["a"] = check.scale(out["a"], "lattice.a")
+    _check_species_name(check.text(out["symbol"], "lattice.symbol"))
     repeat = out["repeat"]
     if not (isinstance(repeat, list) and len(repeat) == 3):
         raise UserError(f"recipe key 'lattice.repeat' must be 3 integers, got {repeat!r}")
-    out["repeat"] = [_number(n, "lattice.repeat", integer=True) for n in repeat]
+    out["repeat"] = [check.integer(n, "lattice.repeat", 1, check.MAX_PARTICLES) for n in repeat]
+    sites = LATTICES[out["kind"]] * math.prod(out["repeat"])
+    if sites > check.MAX_PARTICLES:
+        raise UserError(
+            f"lattice.repeat {out['repeat']} makes {sites} sites, more than MAX_PARTICLES ="
+            f" {check.MAX_PARTICLES} (what fits in memory)"
+        )
     if not isinstance(out["vacancies"], list):
         raise UserError("recipe key 'lattice.vacancies' must be a list of site indices")
     out["vacancies"] = [
-        _number(n, "lattice.vacancies", integer=True, positive=False) for n in out["vacancies"]
+        check.integer(n, "lattice.vacancies", 0, sites - 1, " (the last site)") for n in out["vacancies"]
     ]
     return out
 
@@ -204,28 +216,12 @@ def _table(recipe: Recipe, key: str) -> dict:
     return value
 
 
-def resolve(recipe: Recipe) -> Recipe:
-    """Fill in defaults and validate; the result is complete and reproduces the run exactly.
-
-    Positions come from exactly one source: a ``structure`` file (any format ``ase.io.read``
-    reads), a ``[lattice]``, or random positions in a ``[box]`` (with ``n_particles`` and species
-    fractions). Whether every species has every parameter is checked when the system is built,
-    since a structure file decides which species there are.
-
-    Raises:
-        UserError: unknown key, missing field, wrong type or out-of-range value.
-    """
-    sections = {"box", "lattice", "species", "pairs", "potential", "minimizer", "sensitivity", "neighbors"}
-    _check_keys(recipe, set(TOP_LEVEL) | set(OPTIONAL_TOP_LEVEL) | sections, "")
-    out: Recipe = {**TOP_LEVEL, **{k: v for k, v in recipe.items() if k not in sections}}
-    for key in ("name", "description"):
-        if not isinstance(out[key], str):
-            raise UserError(f"recipe key {key!r} must be a string")
-    out["seed"] = _number(out["seed"], "seed", integer=True, positive=False)
-    out["rattle"] = _number(out.get("rattle", 0.0), "rattle", positive=False)
-    if out["rattle"] < 0:
-        raise UserError(f"recipe key 'rattle' must be >= 0, got {out['rattle']}")
-
+def _resolve_top_level(recipe: Recipe, out: Recipe) -> None:
+    """Name, description, seed, rattle and the source of positions, checked in ``out``."""
+    out["name"] = check.run_name(out["name"])
+    out["description"] = check.text(out["description"], "description")
+    out["seed"] = check.integer(out["seed"], "seed", 0, check.SEED_LIMIT - 1, " (2**32 - 1)")
+    out["rattle"] = check.real(out.get("rattle", 0.0), "rattle", 0.0, check.LARGEST)
     sources = [key for key in ("structure", "lattice", "box") if key in recipe]
     if len(sources) != 1:
         raise UserError(
@@ -233,11 +229,10 @@ def resolve(recipe: Recipe) -> Recipe:
             + (f"; it has {', '.join(sources)}" if sources else "")
         )
     if "structure" in recipe:
-        if not isinstance(recipe["structure"], str):
+        if not isinstance(recipe["structure"], str) or not recipe["structure"]:
             raise UserError("recipe key 'structure' must be a file path")
-        out["structure_index"] = out.get("structure_index", -1)
-        if not isinstance(out["structure_index"], int) or isinstance(out["structure_index"], bool):
-            raise UserError("recipe key 'structure_index' must be an integer (frame of a multi-frame file)")
+        index = out.get("structure_index", -1)
+        out["structure_index"] = check.integer(index, "structure_index", -check.MAX_INDEX, check.MAX_INDEX)
         out.pop("dimension", None)
         out.pop("n_particles", None)
     elif "lattice" in recipe:
@@ -245,25 +240,37 @@ def resolve(recipe: Recipe) -> Recipe:
         out.pop("dimension", None)
         out.pop("n_particles", None)
     else:
-        out["dimension"] = _number(out.get("dimension", 2), "dimension", integer=True)
-        if out["dimension"] not in (2, 3):
-            raise UserError(f"recipe key 'dimension' must be 2 or 3, got {out['dimension']}")
-        out["n_particles"] = _number(out.get("n_particles", 0), "n_particles", integer=True)
+        out["dimension"] = check.integer(out.get("dimension", 2), "dimension", 2, 3)
+        out["n_particles"] = check.integer(
+            out.get("n_particles", 0),
+            "n_particles",
+            1,
+            check.MAX_PARTICLES,
+            " (MAX_PARTICLES: what fits in memory)",
+        )
         out["box"] = _resolve_box(_table(recipe, "box"), out["dimension"])
 
+
+def _resolve_potential(recipe: Recipe, out: Recipe):
+    """The potential, its settings and every parameter value (species, global, pairs)."""
     potential = dict(_table(recipe, "potential"))
-    name = potential.pop("name", "soft_sphere")
-    if name not in POTENTIALS:
-        raise UserError(f"unknown potential {name!r}; known: {', '.join(sorted(POTENTIALS))}")
+    name = check.choice(potential.pop("name", "soft_sphere"), "potential", sorted(POTENTIALS))
     spec = POTENTIALS[name]
     _check_keys(potential, set(spec.parameters) | set(spec.settings), "potential.")
     out["potential"] = {"name": name}
     for key, default in spec.settings.items():
-        out["potential"][key] = _number(potential.get(key, default), f"potential.{key}")
+        # A cutoff may be infinite (no cutoff at all); every other setting is finite.
+        value = check.scale(potential.get(key, default), f"potential.{key}", infinite=key == "r_cutoff")
+        out["potential"][key] = value
+    if "r_onset" in spec.settings and not out["potential"]["r_onset"] < out["potential"]["r_cutoff"]:
+        raise UserError(
+            f"potential.r_onset ({out['potential']['r_onset']:g}) must be below potential.r_cutoff"
+            f" ({out['potential']['r_cutoff']:g}): the switch runs from one to the other"
+        )
     for key, parameter in spec.parameters.items():
         value = potential.get(key, parameter.default)
         if value is not None:
-            out["potential"][key] = _number(value, f"potential.{key}")
+            out["potential"][key] = check.scale(value, f"potential.{key}")
 
     species_keys = {"fraction"} | {k for k, p in spec.parameters.items() if p.level == "species"}
     out["species"] = {}
@@ -272,7 +279,10 @@ def resolve(recipe: Recipe) -> Recipe:
         if not isinstance(entry, dict):
             raise UserError(f"recipe key 'species.{species}' must be a table")
         _check_keys(entry, species_keys, f"species.{species}.")
-        out["species"][species] = {k: _number(v, f"species.{species}.{k}") for k, v in entry.items()}
+        out["species"][species] = {
+            k: (check.fraction if k == "fraction" else check.scale)(v, f"species.{species}.{k}")
+            for k, v in entry.items()
+        }
     if "box" in out:
         if not out["species"]:
             raise UserError("a recipe with random positions needs at least one [species.NAME] table")
@@ -288,41 +298,61 @@ def resolve(recipe: Recipe) -> Recipe:
         if not isinstance(entry, dict):
             raise UserError(f"recipe key 'pairs.{pair}' must be a table")
         _check_keys(entry, spec.parameters, f"pairs.{pair}.")
-        out["pairs"][pair] = {k: _number(v, f"pairs.{pair}.{k}") for k, v in entry.items()}
+        out["pairs"][pair] = {k: check.scale(v, f"pairs.{pair}.{k}") for k, v in entry.items()}
 
+
+def _resolve_methods(recipe: Recipe, out: Recipe) -> None:
+    """The minimiser, the sensitivity solver and the neighbour-list settings."""
     minimizer = dict(_table(recipe, "minimizer"))
-    name = minimizer.pop("name", "fire")
-    if name not in MINIMIZER_DEFAULTS:
-        raise UserError(f"unknown minimizer {name!r}; known: {', '.join(MINIMIZER_DEFAULTS)}")
+    name = check.choice(minimizer.pop("name", "fire"), "minimizer", tuple(MINIMIZER_DEFAULTS))
     defaults = MINIMIZER_DEFAULTS[name]
     _check_keys(minimizer, defaults, "minimizer.")
     out["minimizer"] = {"name": name}
     for key, default in defaults.items():
-        out["minimizer"][key] = _number(
-            minimizer.get(key, default), f"minimizer.{key}", integer=isinstance(default, int)
-        )
+        value, where = minimizer.get(key, default), f"minimizer.{key}"
+        if key == "fmax":
+            out["minimizer"][key] = check.tolerance(value, where)
+        elif key == "max_steps":
+            out["minimizer"][key] = check.integer(value, where, 1, check.MAX_STEPS)
+        else:  # time steps and step sizes
+            out["minimizer"][key] = check.scale(value, where)
 
     sensitivity = {**SENSITIVITY_DEFAULTS, **_table(recipe, "sensitivity")}
     _check_keys(sensitivity, SENSITIVITY_DEFAULTS, "sensitivity.")
-    if sensitivity["solver"] not in SOLVERS:
-        raise UserError(f"unknown sensitivity.solver {sensitivity['solver']!r}; known: {', '.join(SOLVERS)}")
-    sensitivity["tol"] = _number(sensitivity["tol"], "sensitivity.tol")
-    sensitivity["maxiter"] = _number(
-        sensitivity["maxiter"], "sensitivity.maxiter", integer=True, positive=False
-    )
-    if sensitivity["maxiter"] < 0:
-        raise UserError("recipe key 'sensitivity.maxiter' must be >= 0 (0: 10 × degrees of freedom)")
+    sensitivity["solver"] = check.choice(sensitivity["solver"], "sensitivity.solver", SOLVERS)
+    sensitivity["tol"] = check.tolerance(sensitivity["tol"], "sensitivity.tol")
+    # 0 means 10 × the number of degrees of freedom.
+    sensitivity["maxiter"] = check.integer(sensitivity["maxiter"], "sensitivity.maxiter", 0, check.MAX_STEPS)
     out["sensitivity"] = sensitivity
 
     table = {**neighbors.DEFAULTS, **_table(recipe, "neighbors")}
     _check_keys(table, neighbors.DEFAULTS, "neighbors.")
-    if table["mode"] not in neighbors.MODES:
-        raise UserError(f"unknown neighbors.mode {table['mode']!r}; known: {', '.join(neighbors.MODES)}")
-    for key in ("skin", "margin", "capacity"):
-        table[key] = _number(table[key], f"neighbors.{key}")
-    if table["capacity"] < 1:
-        raise UserError(f"recipe key 'neighbors.capacity' must be >= 1, got {table['capacity']}")
+    table["mode"] = check.choice(table["mode"], "neighbors.mode", neighbors.MODES)
+    # skin and margin are fractions of a cutoff; capacity multiplies the pairs found.
+    table["skin"] = check.real(table["skin"], "neighbors.skin", 0.0, 10.0, low_open=True)
+    table["margin"] = check.real(table["margin"], "neighbors.margin", 0.0, 10.0, low_open=True)
+    table["capacity"] = check.real(table["capacity"], "neighbors.capacity", 1.0, 100.0)
     out["neighbors"] = table
+
+
+def resolve(recipe: Recipe) -> Recipe:
+    """Fill in defaults and validate; the result is complete and reproduces the run exactly.
+
+    Positions come from exactly one source: a ``structure`` file (any format ``ase.io.read``
+    reads), a ``[lattice]``, or random positions in a ``[box]`` (with ``n_particles`` and species
+    fractions). Every value is checked for type, finiteness and range (:mod:`mdsens.validate`)
+    before any array is built. Whether every species has every parameter is checked when the
+    system is built, since a structure file decides which species there are.
+
+    Raises:
+        UserError: unknown key, missing field, wrong type or out-of-range value.
+    """
+    sections = {"box", "lattice", "species", "pairs", "potential", "minimizer", "sensitivity", "neighbors"}
+    _check_keys(recipe, set(TOP_LEVEL) | set(OPTIONAL_TOP_LEVEL) | sections, "")
+    out: Recipe = {**TOP_LEVEL, **{k: v for k, v in recipe.items() if k not in sections}}
+    _resolve_top_level(recipe, out)
+    _resolve_potential(recipe, out)
+    _resolve_methods(recipe, out)
     return out
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from mdsens.errors import READ_ERRORS, UserError
 from mdsens.recipe import Recipe
+from mdsens.validate import LARGEST, MAX_PARTICLES
 
 
 def species_counts(fractions: list[float], n: int) -> list[int]:
@@ -61,6 +62,14 @@ def read_structure(path: str | Path, index: int = -1) -> ase.Atoms:
         raise UserError(f"cannot read structure {path}: not a single structure")
     if len(atoms) == 0:
         raise UserError(f"structure {path} has no atoms")
+    if len(atoms) > MAX_PARTICLES:
+        raise UserError(f"structure {path} has {len(atoms)} atoms, more than MAX_PARTICLES = {MAX_PARTICLES}")
+    numbers = np.concatenate([atoms.positions.ravel(), atoms.cell[:].ravel()])
+    if not np.all(np.abs(numbers) <= LARGEST):  # NaN fails too
+        raise UserError(
+            f"structure {path} has positions or cell vectors that are not finite numbers of at most"
+            f" {LARGEST:g} in magnitude"
+        )
     return atoms
 
 
@@ -109,9 +118,7 @@ def generate(recipe: Recipe) -> ase.Atoms:
         lat = recipe["lattice"]
         atoms = ase.build.bulk("X", lat["kind"], a=lat["a"], cubic=True).repeat(lat["repeat"])
         sites = atoms.get_positions()
-        vacancies = sorted(set(lat["vacancies"]))
-        if vacancies and (vacancies[0] < 0 or vacancies[-1] >= len(atoms)):
-            raise UserError(f"lattice.vacancies must be site indices in [0, {len(atoms)})")
+        vacancies = sorted(set(lat["vacancies"]))  # site indices, checked by resolve()
         del atoms[vacancies]
         atoms.arrays["type"] = np.zeros(len(atoms), dtype=int)
         atoms.info["species_names"] = lat["symbol"]

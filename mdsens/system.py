@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens import contacts, list_coverage, zero_modes
+from mdsens import validate as check
 from mdsens.errors import UserError
 from mdsens.implicit import NullSpace
 from mdsens.jaxmd import space
@@ -128,11 +128,6 @@ class System:
         """(N,) mask of particles whose set of contacts differs between two states."""
         return contacts.contact_changes(self, x_a, params_a, x_b, params_b)
 
-    @cached_property
-    def contact_graph_jit(self):
-        """:func:`mdsens.contacts.contact_graph` of this system, compiled once per system."""
-        return jax.jit(partial(contacts.contact_graph, self))
-
     def rattlers(self, x, params) -> jax.Array:
         """(N,) mask of rattlers (see :func:`mdsens.contacts.rattlers`)."""
         return contacts.rattlers(self, x, params)
@@ -193,8 +188,7 @@ def _parameters(
             for t, s in enumerate(species):
                 value = table.get(s, {}).get(name, recipe["potential"].get(name))
                 if value is None and name == "diameter" and "diameter" in atoms.arrays:
-                    # A per-atom diameter array (mdsens's own files) gives each species its value.
-                    value = float(atoms.arrays["diameter"][np.flatnonzero(types == t)[0]])
+                    value = _file_diameter(atoms, types == t, s)
                 if value is None:
                     raise UserError(
                         f"species {s} has no {name}: set it with --set species.{s}.{name}=VALUE "
@@ -218,6 +212,29 @@ def _parameters(
                 overridden[name][u, v] = True
     params[PAIR] = {k: jnp.asarray(v) for k, v in params[PAIR].items()}
     return params, overridden
+
+
+def _file_diameter(atoms: ase.Atoms, members: np.ndarray, species: str) -> float:
+    """The one diameter that a structure file's per-atom ``diameter`` array (mdsens's own files
+    have one) gives every atom of ``species``; diameters that vary within a species are refused,
+    not replaced by one of them: parameters are per species."""
+    values = np.asarray(atoms.arrays["diameter"])[members]
+    if not np.issubdtype(values.dtype, np.number):
+        raise UserError(f"the structure's per-atom 'diameter' array holds {values.dtype}, not numbers")
+    if np.any(values != values[0]):
+        raise UserError(
+            f"the structure's per-atom diameters of species {species} vary ({values.min():.6g} to"
+            f" {values.max():.6g}), but mdsens uses one diameter per species: give each diameter a"
+            f" species of its own (a per-atom 'type' array or chemical symbol), or set one with"
+            f" --set species.{species}.diameter=VALUE"
+        )
+    value = float(values[0])
+    if not check.SMALLEST <= value <= check.LARGEST:  # NaN fails too
+        raise UserError(
+            f"the structure's per-atom diameter of species {species} is {value!r}: a diameter must be"
+            f" a number in [{check.SMALLEST:g}, {check.LARGEST:g}]"
+        )
+    return value
 
 
 def build_system(recipe: Recipe) -> System:
@@ -244,17 +261,11 @@ def build_system(recipe: Recipe) -> System:
     check_minimum_image(kind, cell, reach)
     neighbors = recipe["neighbors"]
     pair_list, pair_energy_fn = None, None
-    if use_pair_list(neighbors, len(positions), kind, np.diag(cell), reach):
+    if use_pair_list(neighbors, positions, kind, np.diag(cell), reach):
         cutoff = reach * (1 + neighbors["margin"])
         pair_list = build_pair_list(displacement, np.diag(cell), cutoff, neighbors, positions)
         pair_energy_fn = build_pair_energy(potential, displacement, types, overridden, settings)
         energy_fn = listed_energy(potential, overridden, len(species), settings, pair_list, pair_energy_fn)
-    elif neighbors["mode"] == "always":
-        raise UserError(
-            "neighbors.mode = always needs an orthorhombic periodic cell at least three list cutoffs"
-            f" ({reach * (1 + neighbors['margin']) * (1 + neighbors['skin']):.3g}) wide; use"
-            " neighbors.mode = auto"
-        )
     else:
         energy_fn = build_energy(potential, metric_from(displacement), types, overridden, settings)
     system = System(
@@ -343,6 +354,8 @@ def load_system(
             table.pop("fraction", None)
         recipe["structure"] = str(Path(structure).resolve())
         recipe["name"] = Path(structure).stem
+        if system is not None:  # the recipe's description is of its own positions
+            recipe["description"] = f"{Path(structure).name} with the settings of recipe {system}"
     if index is not None:
         recipe["structure_index"] = index
     if potential is not None:
