@@ -3,8 +3,10 @@ tables on stdout and JSON under ``results/benchmarks/``.
 
 Benchmarks are scripts, not tests: each prints a table of ratios measured side by side in one
 run and writes its numbers (with the machine they came from) for the docs and the closing note.
-Run one with ``python benchmarks/NAME.py``; ``--smoke`` runs a seconds-long version (CI) and
-``--out DIR`` writes somewhere else than ``results/benchmarks``.
+Run one with ``python benchmarks/NAME.py``; ``--out DIR`` writes somewhere else than
+``results/benchmarks``. ``--smoke`` runs a small version (CI) into a fresh temporary folder unless
+``--out`` is given, and never into ``results/benchmarks``: a smoke run's numbers must not replace
+the committed full-size ones.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,12 +33,27 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "benchmarks"
 
 
-def arguments(description: str) -> argparse.Namespace:
-    """``--smoke`` and ``--out`` for every benchmark."""
+def arguments(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``--smoke`` and ``--out`` for every benchmark (``argv``: instead of ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for CI")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and plot go")
-    return parser.parse_args()
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="small sizes, for CI (about a minute or more each on two cores: compilation dominates); "
+        "written to a temporary folder unless --out is given",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where the JSON and plot go (default: results/benchmarks; with --smoke a new temporary folder)",
+    )
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="mdsens-smoke-")) if args.smoke else RESULTS
+    elif args.smoke and args.out.resolve() == RESULTS.resolve():
+        parser.error("--smoke never writes results/benchmarks (the committed full-size numbers)")
+    return args
 
 
 def peak_rss() -> int:

@@ -11,11 +11,21 @@ from rich.markup import escape
 from .console import err, guarded, out
 from .options import out_option
 
-FiguresOut = out_option(Path, "Directory for the figures and numbers.", show_default=True)
+# A scratch folder (ignored by git): the committed results/paper is replaced only when asked for
+# by name, `--out results/paper`.
+DEFAULT_OUT = Path("results/paper-run")
+
+FiguresOut = out_option(
+    Path,
+    "Directory for the figures and numbers (its previous files are replaced). "
+    "`--out results/paper` regenerates the committed results.",
+    show_default=True,
+    metavar="DIR",
+)
 
 
 def paper(
-    out_dir: FiguresOut = Path("results/paper"),
+    out_dir: FiguresOut = DEFAULT_OUT,
     quick: Annotated[
         bool, typer.Option("--quick", help="A fast smoke version: fewer unroll lengths and steps h.")
     ] = False,
@@ -25,7 +35,7 @@ def paper(
     On the 128-particle packing at φ = 0.98, θ = diameter of species B: the configuration with
     dx*/dθ arrows; the error of autodiff through the unrolled FIRE minimiser against the number of
     steps, next to the implicit result; wall time and peak memory of implicit, unrolled and finite
-    differences. Writes PNG, CSV and JSON into --out (about a minute on two cores).
+    differences. Writes PNG, CSV and JSON into --out (about a minute on two cores) and prints it.
     """
 
     def action():

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import typer.main
 
+from mdsens.cli import app
+from mdsens.cli.paper import DEFAULT_OUT
 from mdsens.experiments.paper import default_steps, run_paper
 from mdsens.experiments.paper_figures import costs_figure, finite_differences_figure, unrolled_figure
 from mdsens.experiments.paper_files import COST_COLUMNS, FD_COLUMNS, UNROLLED_COLUMNS
 
 DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
 # The committed full run: the figures are drawn from its numbers alone.
-COMMITTED = Path(__file__).parent.parent / "results" / "paper" / "paper.json"
+COMMITTED = ROOT / "results" / "paper" / "paper.json"
 
 
 def _rows(path: Path, columns) -> list[dict]:
@@ -125,3 +130,29 @@ def test_paper_experiment_quick(tmp_path):
     assert float(fd["h"]) == 1e-5 and float(fd["error"]) < 1e-5
     methods = [r["method"] for r in _rows(tmp_path / "costs.csv", COST_COLUMNS)]
     assert methods[:3] == ["relaxation", "implicit forward", "implicit reverse"]
+
+
+def test_mdsens_paper_writes_a_scratch_folder_unless_told_to_replace_the_committed_one():
+    """`mdsens paper` with no --out must not overwrite results/paper; the committed results come
+    from asking for them by name."""
+    (out,) = [p for p in typer.main.get_command(app).commands["paper"].params if p.name == "out_dir"]
+    assert Path(out.default) == DEFAULT_OUT
+    assert ROOT / DEFAULT_OUT != COMMITTED.parent
+    assert (ROOT / DEFAULT_OUT).parent == COMMITTED.parent.parent  # beside it, under results/
+
+
+@pytest.mark.parametrize(
+    ("path", "ignored"),
+    [
+        ("results/paper/paper.json", False),
+        ("results/benchmarks/scaling.json", False),
+        (f"{DEFAULT_OUT}/paper.json", True),
+        ("results/binary-packing/relaxed.npz", True),  # `mdsens relax`'s default run directory
+        ("results/.latest-run", True),
+    ],
+)
+def test_git_keeps_only_the_committed_results(path, ignored):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, capture_output=True)
+    assert done.returncode == (0 if ignored else 1), done.stderr

@@ -3,7 +3,8 @@
 Blondel et al. (NeurIPS 2022) differentiate the relaxed positions x*(θ) of a 2-D bidisperse
 soft-sphere packing (128 particles, φ = 0.98, after JAX-MD's meta-optimisation notebook) with
 respect to θ = the diameter of the small species (0.6), by forward-mode implicit differentiation.
-:func:`run_paper` regenerates, from nothing, into ``results/paper/``:
+:func:`run_paper` regenerates, from nothing, into a directory (the committed ``results/paper/``
+comes from ``mdsens paper --out results/paper``):
 
 * the run (``system.toml``, ``relaxed.*``, ``sensitivity.*``) and its figures, among them the
   configuration with dx*/dθ arrows (``sensitivity-diameter.B.png``);
@@ -54,7 +55,6 @@ from mdsens.system import System, load_system
 
 SYSTEM = "binary-packing"
 PARAMETER = "diameter.B"
-OUT_DIR = "results/paper"
 # Central finite-difference steps (half-decades). On this packing one pair sits 7e-5 from
 # contact, so the larger steps change the contact network.
 FD_STEPS = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
@@ -230,7 +230,7 @@ def reverse_bytes_per_step(rows: list[dict]) -> float | None:
 
 
 def run_paper(
-    out_dir: str | os.PathLike = OUT_DIR,
+    out_dir: str | os.PathLike,
     steps_list: Sequence[int] | None = None,
     progress: Progress | None = None,
     quick: bool = False,
