@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from .console import guarded, out
+from .console import err, guarded, out
 from .options import RunOption, out_option
+from .runs import chosen_run
 
 FileOut = out_option(Path | None, "File to write (default: RUN/export.<format>).")
 
@@ -34,7 +35,13 @@ def export(
 
     def action():
         from mdsens.run import export_structure
+        from mdsens.run_lock import run_lock
 
-        out.print(str(export_structure(run, format_, out_file)), markup=False)
+        run_dir, note = chosen_run(run)
+        with run_lock(run_dir, "export"):
+            path = export_structure(run_dir, format_, out_file)
+        if note is not None:
+            err.print(note, markup=False)  # stdout holds the written file's path alone
+        out.print(str(path), markup=False)
 
     guarded(action)

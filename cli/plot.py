@@ -8,8 +8,9 @@ import typer
 
 from mdsens.errors import UserError
 
-from .console import guarded, out
+from .console import err, guarded, out
 from .options import RunOption, param_option
+from .runs import chosen_run
 
 Params = param_option("Sensitivity to draw; repeatable (default: all computed).")
 
@@ -37,7 +38,7 @@ def plot(
             "--center",
             help="What sensitivity-distance.png measures distances from: an atom index (e.g. 12) or "
             "coordinates x,y,z (e.g. 5.1,5.1,5.1). Default: the run's defect_position if it has one, "
-            "else the middle of a periodic cell, else the centroid of the atoms.",
+            "else a vacancy found in a crystal, else none and no distance figure.",
             metavar="INDEX|X,Y,Z",
             show_default=False,
         ),
@@ -59,12 +60,14 @@ def plot(
 
     def action():
         from mdsens.plot import plot_run
-        from mdsens.run import latest_run
+        from mdsens.run_lock import run_lock
 
+        run_dir, note = chosen_run(run)
         where = None if center is None else parse_center(center)
-        figures = plot_run(
-            latest_run() if run is None else run, params=param, center=where, slice_width=slice_width
-        )
+        with run_lock(run_dir, "plot"):
+            figures = plot_run(run_dir, params=param, center=where, slice_width=slice_width)
+        if note is not None:
+            err.print(note, markup=False)  # stdout lists the figures, one per line
         for path in figures:
             out.print(str(path), markup=False)
 

@@ -11,6 +11,7 @@ from mdsens.errors import UserError
 
 from .console import err, guarded, out
 from .options import RunOption, allow_unconverged_option, param_option
+from .runs import chosen_run
 
 # Above this many degrees of freedom the Lanczos spectrum can cost more than the sensitivities
 # themselves; `--spectrum` still asks for it.
@@ -57,10 +58,20 @@ def sensitivity(
     """
 
     def action():
+        from mdsens.run_lock import run_lock
+
+        run_dir, note = chosen_run(run)
+        # Held until the files are written: a relax into this run meanwhile is refused, so the
+        # sensitivities are always written beside the state they were computed from.
+        with run_lock(run_dir, "sensitivity"):
+            _compute_and_save(run_dir, note)
+        out.print(str(run_dir), markup=False)
+
+    def _compute_and_save(run_dir, note):
         from mdsens.run import load_run, save_sensitivity
         from mdsens.sensitivity import Sensitivity, expand_parameters, parameter_names
 
-        system, relaxed, run_dir = load_run(run)
+        system, relaxed, run_dir = load_run(run_dir)
         names = expand_parameters(system, param or parameter_names(system))
         if solver is not None and solver not in ("cg", "dense"):
             raise UserError(f"unknown solver {solver!r}; known: cg, dense")
@@ -69,6 +80,8 @@ def sensitivity(
                 f"{run_dir} holds an unconverged relaxation (max|F| {relaxed.max_force:.3g}); "
                 "pass --allow-unconverged to differentiate it anyway"
             )
+        if note is not None:
+            out.print(escape(note))
         out.print(f"Sensitivity of {escape(str(run_dir))} to {', '.join(names)}")
         with_spectrum = spectrum if spectrum is not None else relaxed.positions.size <= SPECTRUM_AUTO_LIMIT
         with err.status("compiling and solving") as status:
@@ -80,11 +93,7 @@ def sensitivity(
                 progress=lambda name: status.update(f"solved {escape(name)}; solving the next"),
             )
         for name, entry in result.parameters.items():
-            out.print(
-                f"  {name:<14} = {entry.value:<8g} dE*/dθ = {entry.denergy:+.10e}  "
-                f"max|dx*/dθ| = {abs(entry.dx).max():.4e}  {entry.solver}: {entry.iterations} it, "
-                f"residual {entry.residual:.1e}"
-            )
+            out.print(f"  {escape(name):<14} = {entry.value:<8g} {_describe(entry)}")
         if spectrum is None and not with_spectrum:
             out.print(
                 f"  Hessian spectrum skipped above {SPECTRUM_AUTO_LIMIT} degrees of freedom (--spectrum)"
@@ -98,7 +107,21 @@ def sensitivity(
             )
         for warning in result.warnings:
             err.print(f"[bold yellow]Warning:[/] {escape(warning)}")
-        save_sensitivity(run_dir, system, result)
-        out.print(str(run_dir), markup=False)
+        save_sensitivity(run_dir, system, result, relaxed=relaxed)
 
     guarded(action)
+
+
+def _describe(entry) -> str:
+    """dE*/dθ and what dx*/dθ is: exactly zero (no solve ran), unresolved noise, or its largest
+    per-particle length with the solve's diagnostics."""
+    from mdsens.run import exactly_zero, max_particle_dx, resolved
+
+    energy = f"dE*/dθ = {entry.denergy:+.10e}  "
+    if exactly_zero(entry):
+        return energy + "dx*/dθ = 0 exactly (∂²E/∂x∂θ = 0: no solve needed)"
+    size = f"max|dx*/dθ| = {max_particle_dx(entry):.4e}"
+    solve = f"{entry.solver}: {entry.iterations} it, residual {entry.residual:.1e}"
+    if not resolved(entry):
+        return energy + f"{size}  unresolved: below the solve's resolution, numerical noise ({solve})"
+    return energy + f"{size}  {solve}"

@@ -7,13 +7,13 @@ A run directory ``RUN/`` holds
   stages read positions from here, never from the 8-decimal extxyz copy;
 * ``relaxed.extxyz`` — the relaxed structure for ASE and OVITO;
 * ``sensitivity.npz`` / ``sensitivity.json`` / ``sensitivity.extxyz`` — dx*/dθ per parameter,
-  energy sensitivities and diagnostics, and the same vectors as per-atom arrays.
+  energy sensitivities and diagnostics, and the same vectors as per-atom arrays;
+* ``manifest.json`` — every file mdsens wrote for the run, and the relaxed state they belong to.
 
-Every file is written atomically, and a stage's files are renamed into place together. Writing a
-new relaxation first removes everything made from the previous one (sensitivity files,
-``check.json``, ``export.*``, figures), and writing sensitivities first removes the figures, so a
-directory never mixes two states, even when a command is interrupted. The files are read back by
-:mod:`mdsens.run_files`.
+Each stage's files are committed as a whole with :func:`mdsens.manifest.write_stage`: a new
+relaxation removes what mdsens made from the previous one (and nothing else), new sensitivities
+the figures; an interrupted command leaves the previous run as it was. The files are read back,
+and checked against the manifest, by :mod:`mdsens.run_files`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import dataclasses
 import datetime
 import io
 import json
-import os
 import platform
+import tomllib
 import warnings
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -37,42 +38,33 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from mdsens import atomic
 from mdsens.errors import UserError
+from mdsens.manifest import read_manifest, state_of, write_stage
 from mdsens.recipe import dump_recipe
 from mdsens.relaxation import RelaxResult
-from mdsens.run_files import read_recipe, read_relaxed, run_directory
-from mdsens.sensitivity import SensitivityResult, parameter_names, parameter_value
+from mdsens.run_files import (
+    listed,
+    open_run,
+    read_recipe,
+    read_relaxed,
+    read_summary,
+    run_directory,
+    verify_run,
+)
+from mdsens.run_lock import run_lock
+
+# Where runs go, and which one is the latest, live in run_paths (no JAX, for the CLI); they are
+# part of this module's interface too.
+from mdsens.run_paths import (  # noqa: F401
+    LATEST,
+    RESULTS,
+    check_target,
+    default_run_dir,
+    latest_run,
+    mark_latest,
+    safe_name,
+)
+from mdsens.sensitivity import ParameterSensitivity, SensitivityResult, parameter_names, parameter_value
 from mdsens.system import System, build_system
-
-RESULTS = Path("results")
-LATEST = ".latest-run"
-# Files made from a run's sensitivities (the figures), and from its relaxation (all of them).
-FIGURE_GLOBS = ("*.png",)
-DOWNSTREAM_GLOBS = ("sensitivity.*", "check.json", "export.*", *FIGURE_GLOBS)
-
-
-def default_run_dir(system: System) -> Path:
-    """``results/<system name>`` (``results/run`` for an unnamed system), relative to the working
-    directory."""
-    return RESULTS / (system.name or "run")
-
-
-def latest_run() -> Path:
-    """The run that commands without ``--run`` use: the one ``results/.latest-run`` names
-    (:func:`mark_latest`; ``mdsens relax`` marks its run) while it holds a ``relaxed.npz``, else
-    the one under ``results/`` whose ``relaxed.npz`` was modified last.
-
-    Raises:
-        UserError: no run has been written here yet.
-    """
-    pointer = RESULTS / LATEST
-    if pointer.is_file():
-        run = Path(pointer.read_text().strip())
-        if (run / "relaxed.npz").is_file():
-            return Path(os.path.relpath(run)) if run.is_relative_to(Path.cwd()) else run
-    runs = sorted(RESULTS.glob("*/relaxed.npz"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise UserError(f"no run found under {RESULTS}/: run `mdsens relax` first, or pass --run DIR")
-    return runs[-1].parent
 
 
 def versions() -> dict[str, str]:
@@ -110,12 +102,24 @@ def _vectors3(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+def relaxed_state(system: System, positions: np.ndarray) -> str:
+    """The state (:func:`mdsens.manifest.state_of`) of ``system`` relaxed to ``positions``, as
+    the run files record it: the recipe as ``system.toml`` parses back."""
+    return state_of(tomllib.loads(dump_recipe(system.recipe)), np.asarray(positions, dtype=np.float64))
+
+
+def _bytes_writer(data: bytes) -> Callable[[Path], object]:
+    return lambda path: path.write_bytes(data)
+
+
 def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxResult) -> Path:
     """Write ``system.toml``, ``relaxed.npz`` and ``relaxed.extxyz``; return the run directory.
 
-    What the previous relaxation in ``run_dir`` led to (sensitivity files, ``check.json``,
-    ``export.*``, figures) is removed before the new files are moved in. This does not mark the
-    run as the latest one (see :func:`mark_latest`).
+    The files are committed as a new state (:func:`mdsens.manifest.write_stage`): what mdsens
+    wrote from the previous relaxation in ``run_dir`` (sensitivity files, ``check.json``,
+    ``export.*``, figures) is removed; files it did not write are kept, and are not part of the
+    run. This does not mark the run as the latest one (see :func:`mark_latest`), and does not
+    refuse a directory that is not a run (the CLI does: :func:`check_target`).
     """
     run = default_run_dir(system) if run_dir is None else Path(run_dir)
     if run.exists() and not run.is_dir():
@@ -135,14 +139,16 @@ def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxRes
     # ASE moves an info["energy"] into the calculator on reading; keep it there from the start.
     atoms.info.update({k: v for k, v in record.items() if k != "energy"})
     atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=_vectors3(forces))
-    arrays = {"positions": result.positions, "types": system.types, "cell": system.cell, "pbc": system.pbc}
+    positions = np.asarray(result.positions, dtype=np.float64)
+    arrays = {"positions": positions, "types": system.types, "cell": system.cell, "pbc": system.pbc}
     arrays.update({key: np.asarray(value) for key, value in record.items()})
     contents = {
         "system.toml": dump_recipe(system.recipe).encode(),
         "relaxed.npz": _npz_bytes(arrays),
         "relaxed.extxyz": _extxyz_bytes(atoms),
     }
-    _replace_stage(run, contents, DOWNSTREAM_GLOBS)
+    state = relaxed_state(system, positions)
+    write_stage(run, "relax", state, [(name, _bytes_writer(data)) for name, data in contents.items()])
     return run
 
 
@@ -158,43 +164,25 @@ def _extxyz_bytes(atoms: ase.Atoms) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _replace_stage(run: Path, contents: dict[str, bytes], stale_globs: tuple[str, ...]) -> None:
-    """Remove the files of ``run`` that ``stale_globs`` match, then write ``contents`` (file name
-    -> bytes) atomically.
-
-    The contents are complete before anything on disk changes, so a failing writer leaves the
-    directory as it was; the stale files go before the new ones come in, so an interruption
-    leaves the previous state without its downstream files, never beside them.
-    """
-    run.mkdir(parents=True, exist_ok=True)
-    for pattern in stale_globs:
-        for stale in run.glob(pattern):
-            stale.unlink()
-    atomic.write_all(
-        {run / name: (lambda tmp, data=data: tmp.write_bytes(data)) for name, data in contents.items()}
-    )
-
-
-def mark_latest(run_dir: str | Path) -> None:
-    """Record ``run_dir`` as the run that commands without ``--run`` use (``results/.latest-run``)."""
-    atomic.write_text(RESULTS / LATEST, str(Path(run_dir).resolve()))
-
-
 def load_run(run_dir: str | Path | None = None) -> tuple[System, RelaxResult, Path]:
     """Read a run directory (default: :func:`latest_run`): its system, relaxed state and path.
 
-    The System is rebuilt from ``system.toml``; the relaxed state is that of ``relaxed.npz``.
+    The System is rebuilt from ``system.toml``; the relaxed state is that of ``relaxed.npz``. The
+    files are checked against each other and the run's manifest
+    (:func:`mdsens.run_files.verify_run`).
 
     Raises:
-        UserError: missing directory or file, unreadable or inconsistent files.
+        UserError: missing directory or file, unreadable files, or files that disagree.
     """
-    run = run_directory(latest_run() if run_dir is None else run_dir)
+    run, manifest = open_run(latest_run() if run_dir is None else run_dir)
     recipe = read_recipe(run)
     positions, stored = read_relaxed(run)
     try:
         result = _relax_result(positions, stored)
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"cannot read {run / 'relaxed.npz'}: {type(error).__name__} {error}") from None
+    summary = read_summary(run) if listed(manifest, "sensitivity.json") else None
+    verify_run(run, manifest, recipe, positions, summary)
     system = build_system(recipe)
     if positions.shape != system.positions.shape:
         raise UserError(
@@ -218,61 +206,124 @@ def _relax_result(positions: np.ndarray, stored: dict) -> RelaxResult:
     )
 
 
+def _column_safe(parameter: str) -> str:
+    # extxyz keys and column names cannot hold dots or dashes.
+    return parameter.replace(".", "_").replace("-", "_")
+
+
 def _property_name(parameter: str) -> str:
-    # extxyz column names cannot hold dots.
-    return "dx_d_" + parameter.replace(".", "_").replace("-", "_")
+    return "dx_d_" + _column_safe(parameter)
 
 
-def save_sensitivity(run_dir: str | Path, system: System, result: SensitivityResult) -> list[Path]:
+def _energy_key(parameter: str) -> str:
+    return "dE_d_" + _column_safe(parameter)
+
+
+def exactly_zero(entry: ParameterSensitivity) -> bool:
+    """dx*/dθ = 0 exactly: ∂²E/∂x∂θ vanished (or was below the solve's absolute tolerance), so
+    no solve ran."""
+    fallback = entry.iterations == 0 and not np.any(entry.dx)
+    return bool(getattr(entry, "exactly_zero", fallback))
+
+
+def resolved(entry: ParameterSensitivity) -> bool:
+    """dx*/dθ is above what the linear solve can resolve (False: numerical noise)."""
+    return bool(getattr(entry, "resolved", True))
+
+
+def max_particle_dx(entry: ParameterSensitivity) -> float:
+    """max over particles of |dx_i*/dθ| (the per-particle vector norm): what "max|dx*/dθ|"
+    means everywhere (CLI, ``sensitivity.json``, figures)."""
+    value = getattr(entry, "max_displacement", None)
+    return float(np.linalg.norm(entry.dx, axis=-1).max()) if value is None else float(value)
+
+
+def _parameter_summary(name: str, entry: ParameterSensitivity) -> dict:
+    zero = exactly_zero(entry)
+    return {
+        "value": entry.value,
+        "denergy": entry.denergy,
+        "max_particle_dx": max_particle_dx(entry),
+        "exactly_zero": zero,
+        "resolved": resolved(entry),
+        "extxyz_column": _property_name(name),
+        "extxyz_energy_key": _energy_key(name),
+        "solver": entry.solver,
+        "iterations": entry.iterations,
+        # No solve ran for an exact zero: there is no residual to report.
+        "residual": None if zero else entry.residual,
+        "converged": entry.converged,
+        "wall_time": entry.wall_time,
+    }
+
+
+def save_sensitivity(
+    run_dir: str | Path, system: System, result: SensitivityResult, relaxed: RelaxResult | None = None
+) -> list[Path]:
     """Write ``sensitivity.npz``, ``sensitivity.json`` and ``sensitivity.extxyz`` into ``run_dir``
-    (a run of :func:`save_relaxation`), after removing its figures; return their paths."""
+    (a run of :func:`save_relaxation`), replacing the earlier ones and the figures; return their
+    paths.
+
+    ``relaxed`` is the state ``result`` was computed from; given, the files are refused unless
+    the run still holds that state (it may have been relaxed again meanwhile). Without it the
+    run's own positions are taken to be that state.
+
+    Raises:
+        UserError: the run holds another state (or ``system`` is not the run's system).
+    """
     run = run_directory(run_dir)
-    entries = result.parameters
-    positions, _ = read_relaxed(run)
-    atoms = _atoms(system, positions)
-    for name, entry in entries.items():
-        atoms.new_array(_property_name(name), _vectors3(entry.dx))
-        atoms.info[f"denergy_d_{name}"] = entry.denergy
-    atoms.new_array("rattler", result.rattlers.astype(bool))
-    spectrum = None
-    if result.spectrum is not None:
-        spectrum = {
-            **dataclasses.asdict(result.spectrum),
-            "condition_number": result.spectrum.condition_number,
-        }
-    summary = {
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "system": system.name,
-        "state_relaxed": result.state_relaxed,
-        "max_force": result.max_force,
-        "removed_modes": result.removed_modes,
-        "rattlers": np.flatnonzero(result.rattlers).tolist(),
-        "hessian_spectrum": spectrum,
-        "warnings": result.warnings,
-        "wall_time": result.wall_time,
-        "parameters": {
-            name: {
-                "value": e.value,
-                "denergy": e.denergy,
-                "max_abs_dx": float(np.max(np.abs(e.dx))),
-                "extxyz_column": _property_name(name),
-                "solver": e.solver,
-                "iterations": e.iterations,
-                "residual": e.residual,
-                "converged": e.converged,
-                "wall_time": e.wall_time,
+    with run_lock(run, "sensitivity"):
+        run, manifest = open_run(run)
+        stored = read_relaxed(run)[0] if relaxed is None else relaxed.positions
+        positions = np.asarray(stored, dtype=np.float64)
+        state = relaxed_state(system, positions)
+        entries = result.parameters
+        atoms = _atoms(system, positions)
+        for name, entry in entries.items():
+            atoms.new_array(_property_name(name), _vectors3(entry.dx))
+            atoms.info[_energy_key(name)] = entry.denergy
+        atoms.new_array("rattler", result.rattlers.astype(bool))
+        spectrum = None
+        if result.spectrum is not None:
+            spectrum = {
+                **dataclasses.asdict(result.spectrum),
+                "condition_number": result.spectrum.condition_number,
             }
-            for name, e in entries.items()
-        },
-        "versions": versions(),
-    }
-    contents = {
-        "sensitivity.npz": _npz_bytes({k: v.dx for k, v in entries.items()}),
-        "sensitivity.json": (json.dumps(summary, indent=2) + "\n").encode(),
-        "sensitivity.extxyz": _extxyz_bytes(atoms),
-    }
-    _replace_stage(run, contents, FIGURE_GLOBS)
-    return [run / name for name in contents]
+        summary = {
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "system": system.name,
+            "state": state,
+            "state_relaxed": result.state_relaxed,
+            "max_force": result.max_force,
+            "removed_modes": result.removed_modes,
+            "rattlers": np.flatnonzero(result.rattlers).tolist(),
+            "hessian_spectrum": spectrum,
+            "warnings": result.warnings,
+            "wall_time": result.wall_time,
+            "parameters": {name: _parameter_summary(name, e) for name, e in entries.items()},
+            "versions": versions(),
+        }
+        contents = {
+            "sensitivity.npz": _npz_bytes({k: v.dx for k, v in entries.items()}),
+            "sensitivity.json": (json.dumps(summary, indent=2) + "\n").encode(),
+            "sensitivity.extxyz": _extxyz_bytes(atoms),
+        }
+        files = [(name, _bytes_writer(data)) for name, data in contents.items()]
+        return write_stage(run, "sensitivity", None if manifest is None else state, files)
+
+
+def save_check(run_dir: str | Path, system: System, relaxed: RelaxResult, report: dict) -> Path:
+    """Write ``report`` (``mdsens check``'s results) as ``RUN/check.json``, with the state it was
+    checked at; return its path.
+
+    Raises:
+        UserError: the run no longer holds the state ``relaxed``.
+    """
+    run, manifest = open_run(run_dir)
+    state = relaxed_state(system, relaxed.positions)
+    text = json.dumps({**report, "state": state}, indent=2) + "\n"
+    files = [("check.json", lambda path: path.write_text(text))]
+    return write_stage(run, "check", None if manifest is None else state, files)[0]
 
 
 def export_structure(run_dir: str | Path | None, format: str, path: str | Path | None = None) -> Path:
@@ -280,7 +331,8 @@ def export_structure(run_dir: str | Path | None, format: str, path: str | Path |
 
     What is written is the input structure (atom order, symbols, tags, cell, per-atom arrays of
     the input file) at the relaxed positions; mdsens's own arrays stay in the run's extxyz files.
-    The default path is ``RUN/export.<format>``.
+    The default path is ``RUN/export.<format>``; a file written into the run directory joins its
+    manifest (and goes with the next relaxation).
 
     Raises:
         UserError: unknown format, a format that cannot hold this structure, or a missing run.
@@ -293,11 +345,21 @@ def export_structure(run_dir: str | Path | None, format: str, path: str | Path |
     path = run / f"export.{format}" if path is None else Path(path)
     atoms = system.atoms.copy()
     atoms.positions = _vectors3(result.positions)
+
+    def write(tmp: Path) -> None:
+        ase.io.write(tmp, atoms, format=format)
+
     try:
         with warnings.catch_warnings():
             # ASE warns before failing on a cell a format cannot hold; the error says it once.
             warnings.simplefilter("ignore", RuntimeWarning)
-            atomic.write_with(path, lambda tmp: ase.io.write(tmp, atoms, format=format))
+            if path.parent.resolve() == run.resolve():
+                state = relaxed_state(system, result.positions) if read_manifest(run) else None
+                write_stage(run, "export", state, [(path.name, write)])
+            else:
+                atomic.write_with(path, write)
+    except UserError:
+        raise
     except (ValueError, TypeError, NotImplementedError, KeyError, RuntimeError) as error:
         raise UserError(f"cannot write {format}: {error}") from None
     return path

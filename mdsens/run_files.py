@@ -3,7 +3,10 @@
 This is the one reader of the files that :mod:`mdsens.run` writes (see docs/file-formats.md):
 :func:`mdsens.run.load_run` builds the System on top of :func:`read_recipe` and
 :func:`read_relaxed`; the figures (:mod:`mdsens.plot`) read the whole run with :func:`read_run`.
-Every damaged, missing or inconsistent file is a :class:`~mdsens.errors.UserError` naming it.
+Every damaged, missing or inconsistent file is a :class:`~mdsens.errors.UserError` naming it and
+the command that rewrites it. A run with a manifest (:mod:`mdsens.manifest`) is checked file by
+file against it (:func:`verify_run`): a file that is not the one mdsens wrote, or that belongs to
+another relaxed state, is refused; files the manifest does not list are ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import ase.io
 import numpy as np
 
 from mdsens.errors import READ_ERRORS, UserError
+from mdsens.manifest import Manifest, file_digest, read_manifest, recover, state_of
 from mdsens.structures import species_of
+
+RELAX_FILES = ("system.toml", "relaxed.npz", "relaxed.extxyz")
+SENSITIVITY_FILES = ("sensitivity.npz", "sensitivity.json", "sensitivity.extxyz")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,12 @@ class RunFiles:
     structure: Structure
     sensitivities: dict[str, np.ndarray]  # parameter name -> dx*/dθ (N, d); empty without sensitivity.npz
     values: dict[str, float]  # parameter name -> θ, from sensitivity.json; empty where it does not say
+    # Parameter name -> its sensitivity.json entry (value, max_particle_dx, exactly_zero,
+    # resolved, ...; see docs/file-formats.md); empty without the file.
+    parameters: dict[str, dict]
+    rattlers: np.ndarray | None  # (N,) bool from sensitivity.json; None where it does not say
+    recipe: dict | None  # system.toml; None for a run without one (made by hand)
+    state: str | None  # the manifest's state; None for a run without a manifest (not checked)
 
 
 def run_directory(run_dir: str | os.PathLike) -> Path:
@@ -62,6 +75,73 @@ def _required(run: Path, name: str) -> Path:
     if not path.is_file():
         raise UserError(f"{path} is missing: is {run} a run of `mdsens relax`?")
     return path
+
+
+def open_run(run_dir: str | os.PathLike) -> tuple[Path, Manifest | None]:
+    """``run_dir`` as a path, with its manifest (None for a run without one), after completing
+    any commit that a stopped command left unfinished.
+
+    Raises:
+        UserError: no such directory, a damaged manifest, or a commit to complete while another
+            command writes the run.
+    """
+    run = run_directory(run_dir)
+    recover(run)
+    return run, read_manifest(run)
+
+
+def _rewrite_hint(run: Path, name: str) -> str:
+    if name in SENSITIVITY_FILES:
+        return f"run `mdsens sensitivity --run {run}` again"
+    return f"run `mdsens relax --system {run}/system.toml --out {run}` again"
+
+
+def verify_run(
+    run: Path, manifest: Manifest | None, recipe: dict | None, positions: np.ndarray, summary: dict | None
+) -> str | None:
+    """Check that the files a reader uses belong together; return the run's state.
+
+    With a manifest: the relaxation files and the sensitivity files it lists must be the bytes
+    mdsens wrote, and ``system.toml`` with ``relaxed.npz`` must hash to its state. Without one
+    (a run made by hand or by an older mdsens) only the state that ``sensitivity.json`` records,
+    if any, is compared with the relaxed state; None is returned.
+
+    Raises:
+        UserError: the files disagree; the message says which command rewrites them.
+    """
+    actual = None if recipe is None else state_of(recipe, positions)
+    if manifest is not None:
+        for name in (*RELAX_FILES, *SENSITIVITY_FILES):
+            entry = manifest.files.get(name)
+            if entry is None:
+                if name in RELAX_FILES:
+                    raise UserError(f"{run}/manifest.json does not list {name}: {_rewrite_hint(run, name)}")
+                continue
+            path = run / name
+            if not path.is_file() or file_digest(path) != entry.sha256:
+                what = "is missing" if not path.is_file() else "is not the file mdsens wrote for this run"
+                raise UserError(
+                    f"{path} {what} (changed since, or left by an interrupted command): "
+                    f"{_rewrite_hint(run, name)}"
+                )
+        if actual != manifest.state:
+            raise UserError(
+                f"{run}: system.toml and relaxed.npz are not the state its manifest records: "
+                f"{_rewrite_hint(run, 'relaxed.npz')}"
+            )
+    recorded = summary.get("state") if isinstance(summary, dict) else None
+    if recorded is not None and actual is not None and recorded != actual:
+        raise UserError(
+            f"{run}/sensitivity.json was computed from another relaxed state than relaxed.npz "
+            f"holds: {_rewrite_hint(run, 'sensitivity.json')}"
+        )
+    return None if manifest is None else manifest.state
+
+
+def listed(manifest: Manifest | None, name: str) -> bool:
+    """Whether a reader should use the file ``name`` of a run: one its manifest lists, or, in a
+    run without a manifest, any."""
+    return manifest is None or name in manifest.files
 
 
 def read_recipe(run: Path) -> dict:
@@ -144,34 +224,65 @@ def read_sensitivities(run: Path, shape: tuple[int, ...]) -> dict[str, np.ndarra
     return arrays
 
 
-def read_parameter_values(run: Path) -> dict[str, float]:
-    """Parameter values θ recorded in ``sensitivity.json``; empty where there is none."""
+def read_summary(run: Path) -> dict | None:
+    """``sensitivity.json`` as a dict; None if the run has none."""
     path = run / "sensitivity.json"
     if not path.is_file():
-        return {}
+        return None
     try:
         summary = json.loads(path.read_text())
     except (*READ_ERRORS, UnicodeDecodeError) as error:
         raise UserError(f"cannot read {path}: {error}") from None
-    params = summary.get("parameters") if isinstance(summary, dict) else None
+    return summary if isinstance(summary, dict) else None
+
+
+def _entries(summary: dict | None) -> dict[str, dict]:
+    params = summary.get("parameters") if summary is not None else None
     if not isinstance(params, dict):
         return {}
+    return {name: entry for name, entry in params.items() if isinstance(entry, dict)}
+
+
+def read_parameter_values(run: Path) -> dict[str, float]:
+    """Parameter values θ recorded in ``sensitivity.json``; empty where there is none."""
+    return _values(read_summary(run))
+
+
+def _values(summary: dict | None) -> dict[str, float]:
     return {
         name: float(entry["value"])
-        for name, entry in params.items()
-        if isinstance(entry, dict) and isinstance(entry.get("value"), int | float)
+        for name, entry in _entries(summary).items()
+        if isinstance(entry.get("value"), int | float)
     }
+
+
+def _rattlers(summary: dict | None, n: int) -> np.ndarray | None:
+    indices = summary.get("rattlers") if summary is not None else None
+    if not isinstance(indices, list) or not all(isinstance(i, int) and 0 <= i < n for i in indices):
+        return None
+    mask = np.zeros(n, dtype=bool)
+    mask[indices] = True
+    return mask
 
 
 def read_run(run_dir: str | os.PathLike) -> RunFiles:
     """Everything the figures draw: ``relaxed.npz`` and ``relaxed.extxyz`` (required), and
-    ``sensitivity.npz`` and ``sensitivity.json`` where present."""
-    run = run_directory(run_dir)
+    ``sensitivity.npz`` and ``sensitivity.json`` where present, checked with :func:`verify_run`."""
+    run, manifest = open_run(run_dir)
     positions, _ = read_relaxed(run)
+    structure = read_structure(run, len(positions))
+    sensitivities = read_sensitivities(run, positions.shape) if listed(manifest, "sensitivity.npz") else {}
+    summary = read_summary(run) if listed(manifest, "sensitivity.json") else None
+    recipe = read_recipe(run) if manifest is not None or (run / "system.toml").is_file() else None
+    state = verify_run(run, manifest, recipe, positions, summary)
     return RunFiles(
         path=run,
         positions=positions,
-        structure=read_structure(run, len(positions)),
-        sensitivities=read_sensitivities(run, positions.shape),
-        values=read_parameter_values(run),
+        structure=structure,
+        sensitivities=sensitivities,
+        values=_values(summary),
+        parameters={name: entry for name, entry in _entries(summary).items() if name in sensitivities},
+        rattlers=_rattlers(summary, len(positions)),
+        recipe=recipe,
+        state=state,
     )

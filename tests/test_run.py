@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import mdsens
-from mdsens import atomic
+from mdsens import atomic, manifest
+from mdsens.manifest import read_manifest
 from mdsens.run import latest_run, mark_latest
 from mdsens.run_files import read_run
 
@@ -98,8 +99,15 @@ def test_save_relaxation_writes_the_relax_files(run_dir, computed):
     recipe = tomllib.loads((run_dir / "system.toml").read_text())
     assert recipe == system.recipe
     assert recipe["seed"] == 3 and recipe["n_particles"] == N
-    # No temporary file of the atomic writes is left behind.
-    assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
+    # No temporary file, staging directory or lock of the commits is left behind.
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        [*RELAX_FILES, *SENSITIVITY_FILES, "manifest.json"]
+    )
+    listed = read_manifest(run_dir).files
+    assert {name: entry.stage for name, entry in listed.items()} == {
+        **dict.fromkeys(RELAX_FILES, "relax"),
+        **dict.fromkeys(SENSITIVITY_FILES, "sensitivity"),
+    }
 
 
 def test_relaxed_extxyz_is_readable_by_ase(run_dir, computed):
@@ -182,6 +190,7 @@ def test_sensitivity_npz_matches_the_result(run_dir, computed):
 def test_sensitivity_json_has_energies_diagnostics_timings_versions(run_dir, computed):
     _, _, result = computed
     summary = json.loads((run_dir / "sensitivity.json").read_text())
+    assert summary["state"] == read_manifest(run_dir).state
     assert summary["state_relaxed"] is True
     assert summary["system"] == "binary-packing"
     assert summary["max_force"] <= 1e-12
@@ -194,14 +203,23 @@ def test_sensitivity_json_has_energies_diagnostics_timings_versions(run_dir, com
         assert entry["value"] == expected.value
         assert entry["solver"] == "cg"
         assert entry["iterations"] == expected.iterations
-        assert entry["residual"] == expected.residual
-        # dx*/dε = 0: the right-hand side is residual-force noise below the solve's absolute
-        # tolerance, so the solve stops at once with v = 0 (relative residual 1).
-        assert expected.residual <= 1e-10 or (expected.iterations == 0 and not expected.dx.any())
+        # dx*/dε = 0 for a soft-sphere packing (E is proportional to ε): the right-hand side
+        # vanishes, no solve runs, and there is no residual to report.
+        assert entry["exactly_zero"] is (name == "epsilon")
+        if name == "epsilon":
+            assert entry["residual"] is None and entry["iterations"] == 0
+            assert not expected.dx.any()
+        else:
+            assert entry["residual"] == expected.residual <= 1e-10
+        assert entry["resolved"] is True
         assert entry["converged"] is True
         assert entry["wall_time"] >= 0
         assert entry["extxyz_column"] == "dx_d_" + name.replace(".", "_")
-        assert entry["max_abs_dx"] == pytest.approx(np.abs(expected.dx).max(), rel=1e-15)
+        assert entry["extxyz_energy_key"] == "dE_d_" + name.replace(".", "_")
+        # max|dx*/dθ| is the largest per-particle vector length, not the largest component.
+        lengths = np.linalg.norm(expected.dx, axis=1)
+        assert entry["max_particle_dx"] == pytest.approx(lengths.max(), rel=1e-15)
+        assert "max_abs_dx" not in entry
     for package in ("python", "mdsens", "jax", "jaxlib", "jax-md", "numpy", "ase"):
         assert summary["versions"][package] not in ("", "unknown"), package
     assert summary["versions"]["mdsens"] == mdsens.__version__
@@ -221,7 +239,8 @@ def test_sensitivity_extxyz_has_the_vectors_as_per_atom_arrays(run_dir, computed
         # Same particle order as sensitivity.npz, to the 8 decimals of the text format.
         np.testing.assert_allclose(vectors[:, :2], result.parameters[name].dx, rtol=0, atol=1e-7)
         np.testing.assert_array_equal(vectors[:, 2], 0.0)
-        assert atoms.info[f"denergy_d_{name}"] == pytest.approx(result.parameters[name].denergy, rel=1e-12)
+        energy_key = "dE_d_" + column.removeprefix("dx_d_")
+        assert atoms.info[energy_key] == pytest.approx(result.parameters[name].denergy, rel=1e-12)
 
 
 def test_unconverged_sensitivity_is_marked(computed, unconverged, tmp_path):
@@ -312,18 +331,24 @@ def test_save_relaxation_failing_midway_keeps_the_earlier_run(run_copy, computed
     assert snapshot(run_copy) == before
 
 
-def test_relax_after_sensitivity_removes_stale_files(run_copy, computed, unconverged):
-    system, _, _ = computed
-    (run_copy / "sensitivity-epsilon.png").write_bytes(b"\x89PNG figure")
-    (run_copy / "check.json").write_text("{}")
-    (run_copy / "export.vasp").write_text("the earlier relaxation")
-    (run_copy / "notes.txt").write_text("the user's own file")
-    other = unconverged
-    mdsens.save_relaxation(run_copy, system, other)
+def test_relax_removes_what_mdsens_made_from_the_earlier_state_and_nothing_else(
+    run_copy, computed, unconverged
+):
+    system, relaxed, _ = computed
+    written = mdsens.plot_run(run_copy, ["epsilon"])
+    check = mdsens.run.save_check(run_copy, system, relaxed, {"passed": True})
+    export = mdsens.run.export_structure(run_copy, "extxyz")
+    mine = {"notes.txt": b"the user's own file", "sensitivity-mine.png": b"\x89PNG not by mdsens"}
+    for name, data in mine.items():
+        (run_copy / name).write_bytes(data)
+    assert json.loads(check.read_text())["state"] == read_manifest(run_copy).state
+    mdsens.save_relaxation(run_copy, system, unconverged)
     names = sorted(p.name for p in run_copy.iterdir())
-    assert names == sorted([*RELAX_FILES, "notes.txt"])
+    assert names == sorted([*RELAX_FILES, "manifest.json", *mine])
+    assert not {p.name for p in [*written, check, export]} & set(names)
+    assert {name: (run_copy / name).read_bytes() for name in mine} == mine
     with np.load(run_copy / "relaxed.npz") as data:
-        np.testing.assert_array_equal(data["positions"], other.positions)
+        np.testing.assert_array_equal(data["positions"], unconverged.positions)
         assert bool(data["converged"]) is False
     assert mdsens.load_run(run_copy)[1].steps == 5
 
@@ -378,33 +403,31 @@ def test_load_run_reports_a_damaged_npz_as_user_error(run_copy, damage):
         mdsens.load_run(run_copy)
 
 
-def _interrupted_write(writers):
-    raise KeyboardInterrupt  # as if the process died before the new files were renamed in
+def _interrupted_commit(*args, **kwargs):
+    raise KeyboardInterrupt  # as if Ctrl-C came while the stage's files were being staged
 
 
-def test_an_interrupted_relaxation_leaves_the_earlier_one_without_its_downstream_files(
+def test_an_interrupted_relaxation_leaves_the_earlier_run_as_it_was(
     run_copy, computed, unconverged, monkeypatch
 ):
     system, relaxed, _ = computed
-    (run_copy / "sensitivity-epsilon.png").write_bytes(b"\x89PNG figure")
-    relax_before = {name: (run_copy / name).read_bytes() for name in RELAX_FILES}
-    monkeypatch.setattr(atomic, "write_all", _interrupted_write)
+    mdsens.plot_run(run_copy, ["epsilon"])
+    before = snapshot(run_copy)
+    monkeypatch.setattr(manifest, "_commit", _interrupted_commit)
     with pytest.raises(KeyboardInterrupt):
         mdsens.save_relaxation(run_copy, system, unconverged)
-    # The stale files went first: what is left is one consistent state, the earlier relaxation.
-    assert sorted(p.name for p in run_copy.iterdir()) == sorted(RELAX_FILES)
-    assert {name: (run_copy / name).read_bytes() for name in RELAX_FILES} == relax_before
+    # Every file of the earlier run, figures included, is still there and still its own.
+    assert snapshot(run_copy) == before
     np.testing.assert_array_equal(mdsens.load_run(run_copy)[1].positions, relaxed.positions)
 
 
-def test_an_interrupted_sensitivity_leaves_no_figure_of_the_earlier_one(run_copy, computed, monkeypatch):
+def test_an_interrupted_sensitivity_leaves_the_earlier_files_and_figures(run_copy, computed, monkeypatch):
     system, _, result = computed
-    (run_copy / "sensitivity-epsilon.png").write_bytes(b"\x89PNG figure")
+    mdsens.plot_run(run_copy, ["epsilon"])
     before = snapshot(run_copy)
-    monkeypatch.setattr(atomic, "write_all", _interrupted_write)
+    monkeypatch.setattr(manifest, "_commit", _interrupted_commit)
     with pytest.raises(KeyboardInterrupt):
         mdsens.save_sensitivity(run_copy, system, result)
-    del before["sensitivity-epsilon.png"]
     assert snapshot(run_copy) == before
 
 
@@ -434,7 +457,8 @@ def test_figures_of_a_written_run(run_copy, computed):
     from matplotlib.quiver import Quiver
 
     from mdsens.plot import run_figures
-    from mdsens.plot_geometry import RunGeometry, find_center, select_view
+    from mdsens.plot_centers import find_center
+    from mdsens.plot_geometry import RunGeometry, select_view
 
     _, _, result = computed
     run = RunGeometry(read_run(run_copy))
