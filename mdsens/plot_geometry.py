@@ -1,20 +1,24 @@
-"""Geometry of a run for its figures: atom sizes, periodic images, slices, centers and distances.
+"""Geometry of a run for its figures: atom sizes, wrapping, periodic images, slices, rattlers and
+what each sensitivity holds.
 
 Everything here is NumPy on the arrays that :func:`mdsens.run_files.read_run` reads; nothing is
-drawn (that is :mod:`mdsens.plot`) and no physics is run.
+drawn (that is :mod:`mdsens.plot`) and no physics is run. Where distances are measured from is
+:mod:`mdsens.plot_centers`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from ase.geometry import get_distances
+from scipy.spatial import ConvexHull, QhullError
 
 from mdsens.errors import UserError
+from mdsens.plot_units import units_of
 from mdsens.run_files import RunFiles
 
 # Without per-atom diameters, atoms are drawn this fraction of the nearest-neighbour distance wide.
@@ -23,8 +27,59 @@ FIXED_SIZE = 0.5
 SPACING_SAMPLE = 50
 
 
+@dataclass(frozen=True)
+class ParameterFacts:
+    """What a sensitivity dx*/dθ holds, as ``sensitivity.json`` records it (else from dx alone)."""
+
+    exactly_zero: bool  # dx*/dθ = 0 exactly: ∂²E/∂x∂θ vanishes and no solve ran
+    resolved: bool  # False: below what the linear solve resolves, numerical noise
+    max_particle_dx: float  # max over particles of the vector norm |dx_i*/dθ|: "max|dx*/dθ|"
+
+    @property
+    def drawable(self) -> bool:
+        return self.resolved and not self.exactly_zero
+
+    def note(self) -> str:
+        """Why nothing is drawn for the parameter; empty when it is drawn."""
+        if self.exactly_zero:
+            return "dx*/dθ = 0 exactly"
+        if not self.resolved:
+            largest = f"max|dx*/dθ| = {self.max_particle_dx:.2g}"
+            return f"dx*/dθ below the solve's resolution\n({largest}, noise): not drawn"
+        return ""
+
+
+def parameter_facts(files: RunFiles, name: str, dx: np.ndarray) -> ParameterFacts:
+    """``exactly_zero``, ``resolved`` and ``max_particle_dx`` of parameter ``name`` from the
+    run's records; without them, from ``dx`` (N, d): zero when every component is 0, and taken
+    as resolved, since only the solve knows its resolution."""
+    entry = files.parameters.get(name, {})
+    largest = float(np.max(np.linalg.norm(dx, axis=1))) if len(dx) else 0.0
+    exactly_zero = bool(entry.get("exactly_zero", largest == 0.0))
+    return ParameterFacts(
+        exactly_zero=exactly_zero,
+        resolved=bool(entry.get("resolved", True)),
+        max_particle_dx=float(entry.get("max_particle_dx", largest)),
+    )
+
+
+def find_rattlers(files: RunFiles, facts: dict[str, ParameterFacts]) -> np.ndarray:
+    """(N,) mask of the rattlers: those ``sensitivity.json`` lists, else the particles of a
+    soft-sphere run whose dx*/dθ is exactly zero in every parameter that moves some particle
+    (mdsens zeroes every degree of freedom of a rattler, see docs/file-formats.md); none
+    otherwise."""
+    if files.rattlers is not None:
+        return np.asarray(files.rattlers, dtype=bool)
+    mask = np.zeros(len(files.positions), dtype=bool)
+    moving = [name for name, fact in facts.items() if fact.drawable]
+    if files.structure.diameters is None or not moving:
+        return mask
+    return np.all([~np.any(files.sensitivities[name] != 0, axis=1) for name in moving], axis=0)
+
+
 class RunGeometry:
-    """A run's atoms as the figures place them: 3-D positions, cell, sizes, species, sensitivities."""
+    """A run's atoms as the figures place them: 3-D positions, cell, sizes, species, rattlers,
+    sensitivities and their facts, units."""
 
     def __init__(self, files: RunFiles) -> None:
         structure = files.structure
@@ -36,31 +91,66 @@ class RunGeometry:
         self.pbc = structure.pbc
         self.orthorhombic = bool(np.allclose(self.cell, np.diag(np.diag(self.cell)), rtol=0, atol=1e-9))
         self.box = np.diag(self.cell)[:2].copy()
-        # Positions are wrapped, and periodic images drawn, along these of the x and y axes.
+        # Periodic images are drawn along these of the x and y axes.
         self.wrap = self.pbc[:2] & (self.box > 0) & self.orthorhombic
         self.types = structure.types
         self.species = structure.species
         # Soft spheres have a diameter; other potentials (Lennard-Jones, Morse) do not.
         self.sized = structure.diameters is not None
+        self.spacing = None  # the nearest-neighbour distance, measured where atoms have no size
         if structure.diameters is not None:
             self.diameters = structure.diameters
         else:
-            spacing = nearest_neighbor_distance(self.positions3, self.cell, self.pbc)
-            self.diameters = np.full(len(self.positions), FIXED_SIZE * spacing)
+            self.spacing = nearest_neighbor_distance(self.positions3, self.cell, self.pbc)
+            self.diameters = np.full(len(self.positions), FIXED_SIZE * self.spacing)
         self.defect = structure.defect
         self.sensitivities = files.sensitivities
         self.values = files.values
+        self.facts = {name: parameter_facts(files, name, dx) for name, dx in files.sensitivities.items()}
+        self.rattlers = find_rattlers(files, self.facts)
+        self.units = units_of(files.recipe)
 
     @property
     def periodic(self) -> bool:
         """Periodic along some axis, with a cell to measure minimum-image distances in."""
         return bool(self.pbc.any() and np.any(self.cell[self.pbc]))
 
+    def _lattice(self) -> np.ndarray | None:
+        """The run's d × d lattice where it is periodic and invertible, else None."""
+        lattice = self.cell[: self.dim, : self.dim]
+        if not self.pbc[: self.dim].any() or abs(np.linalg.det(lattice)) < 1e-12:
+            return None
+        return lattice
+
+    def wrapped(self, points: np.ndarray) -> np.ndarray:
+        """``points`` (M, 3) moved into the cell along its periodic axes (any cell shape)."""
+        out = points.copy()
+        lattice = self._lattice()
+        if lattice is None:
+            return out
+        fractional = points[:, : self.dim] @ np.linalg.inv(lattice)
+        periodic = self.pbc[: self.dim]
+        fractional[:, periodic] -= np.floor(fractional[:, periodic])
+        # A point a rounding error below a cell face is on the opposite face, where it starts.
+        fractional[fractional > 1 - 1e-12] = 0.0
+        out[:, : self.dim] = fractional @ lattice
+        return out
+
     def wrapped_xy(self, points: np.ndarray) -> np.ndarray:
-        """x and y of ``points`` (M, 3), wrapped into the box along the ``wrap`` axes."""
-        xy = points[:, :2].copy()
-        xy[:, self.wrap] = np.mod(xy[:, self.wrap], self.box[self.wrap])
-        return xy
+        """x and y of ``points`` (M, 3), moved into the cell along its periodic axes."""
+        return self.wrapped(points)[:, :2]
+
+    def outline(self) -> np.ndarray | None:
+        """Corners (K, 2) of the x-y projection of a periodic cell, in order around it; None
+        where there is no periodic cell with an area to draw in."""
+        if not self.periodic:
+            return None
+        corners = np.unique(np.round(cell_edges(self.cell)[:, :, :2].reshape(-1, 2), 12), axis=0)
+        try:
+            hull = ConvexHull(corners)
+        except (QhullError, ValueError):
+            return None
+        return corners[hull.vertices]
 
 
 def nearest_neighbor_distance(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> float:
@@ -112,26 +202,26 @@ def periodic_images(run: RunGeometry, xy: np.ndarray, diameters: np.ndarray) -> 
     return np.concatenate(centers), np.concatenate(owners)
 
 
-def format_point(point: np.ndarray, dim: int) -> str:
-    return "(" + ", ".join(f"{x:.3g}" for x in point[: max(dim, 2)]) + ")"
-
-
 @dataclass(frozen=True)
 class View:
-    """Which atoms the configuration figures show, and how the title says so."""
+    """Which atoms the configuration figures show, how wide each is drawn, and how the title
+    says so."""
 
     shown: np.ndarray  # bool (N,)
+    sizes: np.ndarray  # (N,) drawn diameter: the atom's, or that of its cross-section with a plane
     text: str  # empty for 2-D runs
     inside: Callable[[np.ndarray], np.ndarray] | None = None  # z (M,) -> in the slice (M,); None: all
 
 
 def select_view(run: RunGeometry, slice_width: float | None) -> View:
-    """All atoms (``slice_width`` None), or those of a 3-D run with |z − z_mid| < width / 2, z_mid
-    the middle of the cell (periodic in z) or of the atoms' z range."""
+    """All atoms (``slice_width`` None), or a slice of a 3-D run: the atoms with
+    |z − z_mid| < width / 2 whose sphere cuts the plane z = z_mid, drawn as their cross-section
+    with it (a disc of radius √(r² − (z − z_mid)²)); z_mid is the middle of the cell (periodic
+    in z) or of the atoms' z range."""
     n = len(run.positions)
     if slice_width is None:
         text = f"x-y projection of all {n} atoms" if run.dim == 3 else ""
-        return View(np.ones(n, dtype=bool), text)
+        return View(np.ones(n, dtype=bool), run.diameters, text)
     if isinstance(slice_width, bool) or not isinstance(slice_width, int | float | np.number):
         raise UserError(f"slice width must be a number, not {slice_width!r}")
     if not (math.isfinite(slice_width) and slice_width > 0):
@@ -146,86 +236,27 @@ def select_view(run: RunGeometry, slice_width: float | None) -> View:
     else:
         middle, about = 0.5 * (z.min() + z.max()), "atoms' z-range"
 
-    def inside(z: np.ndarray) -> np.ndarray:
-        offset = z - middle
+    def offset(z: np.ndarray) -> np.ndarray:
+        out = z - middle
         if run.orthorhombic and run.pbc[2] and lz > 0:
-            offset -= lz * np.round(offset / lz)
-        return np.abs(offset) < slice_width / 2
+            out -= lz * np.round(out / lz)
+        return out
 
-    shown = inside(z)
+    def inside(z: np.ndarray) -> np.ndarray:
+        return np.abs(offset(z)) < slice_width / 2
+
+    radius = run.diameters / 2
+    dz = offset(z)
+    # A sphere that does not reach the plane has no cross-section to draw.
+    shown = inside(z) & (np.abs(dz) < radius)
     if not shown.any():
         raise UserError(
-            f"no atom within the slice |z - {middle:.4g}| < {slice_width / 2:.4g}; "
-            f"the atoms' z range from {z.min():.4g} to {z.max():.4g}"
+            f"no atom within the slice |z - {middle:.4g}| < {slice_width / 2:.4g} cuts the plane "
+            f"z = {middle:.4g}; the atoms' z range from {z.min():.4g} to {z.max():.4g}"
         )
+    sizes = 2 * np.sqrt(np.clip(radius**2 - dz**2, 0.0, None))
     text = (
         f"slice |z − {middle:.3g}| < {slice_width / 2:.3g} (middle of the {about}): "
-        f"{int(shown.sum())} of {n} atoms"
+        f"{int(shown.sum())} of {n} atoms, drawn as their cross-sections with z = {middle:.3g}"
     )
-    return View(shown, text, inside)
-
-
-@dataclass(frozen=True)
-class Center:
-    """The point distances are measured from."""
-
-    point: np.ndarray  # (3,)
-    text: str  # "atom 12 (Ar)", "defect at (x, y, z)", "cell center (x, y, z)", ...
-    label: str | None  # legend entry of its marker on the configuration figures; None: unmarked
-
-
-def _coordinates(value: object, dim: int, what: str, shown: object = None) -> np.ndarray:
-    """``value`` as a point (3,); it must have 3 finite coordinates (or 2 in a 2-D run).
-    ``shown`` stands for ``value`` in the error message if given."""
-    shown = value if shown is None else shown
-    try:
-        point = np.asarray(value, dtype=float).ravel()
-    except (TypeError, ValueError):
-        point = None
-    if point is None or point.size not in (dim, 3) or not np.all(np.isfinite(point)):
-        count = "3" if dim == 3 else "2 or 3"
-        raise UserError(f"{what} must be an atom index or {count} finite coordinates, not {shown!r}")
-    out = np.zeros(3)
-    out[: point.size] = point
-    return out
-
-
-def find_center(run: RunGeometry, center: int | Sequence[float] | None) -> Center:
-    """The atom ``center`` indexes, or the point it gives; by default the run's defect, else the
-    middle of a periodic cell, else the centroid of the atoms."""
-    n = len(run.positions)
-    if center is None:
-        if run.defect is not None:
-            try:
-                point = _coordinates(run.defect, run.dim, "")
-            except UserError:
-                raise UserError(
-                    f"atoms.info['defect_position'] of relaxed.extxyz is {run.defect!r}, not a point; "
-                    "pass a center (an atom index or coordinates)"
-                ) from None
-            return Center(point, f"defect at {format_point(point, run.dim)}", "defect")
-        if run.periodic:
-            point = run.cell.sum(axis=0) / 2
-            return Center(point, f"cell center {format_point(point, run.dim)}", None)
-        point = run.positions3.mean(axis=0)
-        return Center(point, f"centroid of the atoms {format_point(point, run.dim)}", None)
-    if isinstance(center, int | np.integer) and not isinstance(center, bool | np.bool_):
-        if not 0 <= center < n:
-            raise UserError(f"atom index {center} is out of range: the run has {n} atoms, 0 to {n - 1}")
-        index = int(center)
-        return Center(
-            run.positions3[index], f"atom {index} ({run.species[run.types[index]]})", f"atom {index}"
-        )
-    # A string would pass for a number, or a sequence of them.
-    point = _coordinates(
-        None if isinstance(center, str | bytes | bool | np.bool_) else center, run.dim, "center", center
-    )
-    return Center(point, f"point {format_point(point, run.dim)}", "center")
-
-
-def distances_from(run: RunGeometry, point: np.ndarray) -> np.ndarray:
-    """Distance of each atom from ``point`` (3,), the minimum-image one in a periodic cell."""
-    if run.periodic:
-        _, out = get_distances(run.positions3, point[None], cell=run.cell, pbc=run.pbc)
-        return out[:, 0]
-    return np.linalg.norm(run.positions3 - point, axis=1)
+    return View(shown, sizes, text, inside)
