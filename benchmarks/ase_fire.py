@@ -28,7 +28,7 @@ wall-time cap and records whether it converged or hit a cap.
 
 Run: ``python benchmarks/ase_fire.py`` (N = 1000 and 10000; the ASE run at 10^4 may take up to
 the 900 s wall cap), ``--sizes 1000`` for some sizes only, ``--wall-cap S`` for another ASE cap,
-``--smoke`` for N = 64 at fmax = 1e-6 (seconds).
+``--smoke`` for N = 64 at fmax = 1e-6.
 """
 
 from __future__ import annotations

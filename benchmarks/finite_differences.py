@@ -11,7 +11,7 @@ tolerance (1e-12: far more accurate), and at equal accuracy, against the cheapes
 tolerance whose error is no larger than the finite differences'.
 
     python benchmarks/finite_differences.py            # N = 8192
-    python benchmarks/finite_differences.py --smoke    # N = 128, seconds
+    python benchmarks/finite_differences.py --smoke    # N = 128, into a temporary folder
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ with each command's peak resident memory. The run directory is a temporary one (
 large); the numbers go to ``results/benchmarks/large.json``.
 
     python benchmarks/large.py            # N = 100000
-    python benchmarks/large.py --smoke    # N = 256, seconds
+    python benchmarks/large.py --smoke    # N = 256, into a temporary folder
 """
 
 from __future__ import annotations

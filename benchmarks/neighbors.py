@@ -5,7 +5,7 @@ The same 2-D packing (binary-packing, φ = 0.98, same seed) relaxed and differen
 the relaxation loop. The two must agree: the table shows the relaxed energies' difference too.
 
     python benchmarks/neighbors.py            # N = 64 … 1024 (all pairs: 25 ms a step at 1024)
-    python benchmarks/neighbors.py --smoke    # N = 64, seconds
+    python benchmarks/neighbors.py --smoke    # N = 64, into a temporary folder
 """
 
 from __future__ import annotations

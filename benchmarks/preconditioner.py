@@ -30,7 +30,7 @@ N = 8192 (the largest size run). Timings on a shared two-core machine are noisy 
 cent between runs); iteration counts are not.
 
     python benchmarks/preconditioner.py            # N = 1024, 8192 (and the check at 128)
-    python benchmarks/preconditioner.py --smoke    # N = 128, seconds
+    python benchmarks/preconditioner.py --smoke    # N = 128, into a temporary folder
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ outputs and temporaries; nothing is run to measure it): the relaxation's loop of
 one forward-mode sensitivity solve. The parameter is the small species' diameter, the paper's θ.
 
     python benchmarks/scaling.py            # N = 10^3 … 6.6·10^4 (2-D), 10^3 … 1.6·10^4 (3-D)
-    python benchmarks/scaling.py --smoke    # seconds
+    python benchmarks/scaling.py --smoke    # small sizes, into a temporary folder
 """
 
 from __future__ import annotations

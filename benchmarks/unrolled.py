@@ -9,7 +9,7 @@ measure it); the unrolled gradient is then run in a child process under a memory
 out-of-memory is recorded as a data point and cannot take the machine down.
 
     python benchmarks/unrolled.py            # N = 128, 512, 2048
-    python benchmarks/unrolled.py --smoke    # N = 16, seconds
+    python benchmarks/unrolled.py --smoke    # N = 16, into a temporary folder
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ Python API (mirrors the command line)::
     jax.grad(lambda p: loss(x_star(p, relaxed.positions)))(system.params)
 
 Importing mdsens switches JAX to float64 (``jax_enable_x64``): derivatives of relaxed states are
-meaningless in float32. The heavy modules (JAX-MD) load on first use of an attribute.
+meaningless in float32. Nothing else loads at import: each attribute's module loads on first use,
+and JAX-MD only when a computation needs it (:mod:`mdsens.jaxmd`), so that listing systems,
+printing help or refusing bad input takes about the time of ``import jax``.
 """
 
 import importlib

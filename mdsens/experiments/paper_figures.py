@@ -76,7 +76,7 @@ def unrolled_figure(summary: dict) -> Figure:
         fontsize=8,
     )
     top.set_ylabel("relative error of dx*/dθ\n‖dx − dx_ref‖ / ‖dx_ref‖")
-    top.set_title("Error vs the dense direct solve (translations projected out)", fontsize=10)
+    top.set_title("Error vs the dense direct solve (zero modes projected out)", fontsize=10)
     top.legend(fontsize=8, loc="lower left")
     bottom.plot([r["steps"] for r in rows], [r["max_force"] for r in rows], "o", color="C0")
     fmax = summary["relaxation"]["fmax"]
