@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mdsens.run_files import run_directory
-from mdsens.run_paths import latest_run, relaxed_at
-
 
 def chosen_run(run: Path | None) -> tuple[Path, str | None]:
     """The run directory to use, and, when ``--run`` was not given, a line that names the run
@@ -15,6 +12,11 @@ def chosen_run(run: Path | None) -> tuple[Path, str | None]:
     Raises:
         UserError: no run exists yet, or ``--run`` names no directory.
     """
+    # Imported here, not at the top: run_files loads ASE (a second), and every `mdsens` start
+    # (help, systems) imports this module.
+    from mdsens.run_files import run_directory
+    from mdsens.run_paths import latest_run, relaxed_at
+
     if run is not None:
         return run_directory(run), None
     latest = run_directory(latest_run())

@@ -63,6 +63,9 @@ def test_commands_without_physics_do_not_import_jax_md(tmp_path):
         assert got == code, f"mdsens {' '.join(argv)} exited {got}"
     first = next((argv for argv, _, loaded, _ in reports if loaded), None)
     assert first is None, f"mdsens {' '.join(first)} imported JAX-MD"
+    # Listing systems and printing help need neither ASE nor Matplotlib (a second each to import).
+    after_help = reports[1 + len(COMMANDS)][3]
+    assert not {name.split(".")[0] for name in after_help} & {"ase", "matplotlib", "scipy"}
     assert not any(name.startswith("jax_md") for name in reports[-1][3])
     assert (run / "sensitivity-histogram.png").is_file()
 
