@@ -80,6 +80,16 @@ class Potential:
         """Interaction range: no pair interacts beyond it (``inf`` without a cutoff). Traceable."""
         return jnp.max(tables[self.range_parameter]) * settings.get("r_cutoff", 1.0)
 
+    def non_smooth_radii(self, tables: dict, settings: dict) -> dict:
+        """The (S, S) pair distances at which φ(r) is only C¹, by name: ``contact`` (a finite-range
+        repulsion's contact distance), ``r_onset`` and ``r_cutoff`` (the switch's ends, times σ;
+        none without a cutoff). A pair crossing one of them has no second derivative there."""
+        radii = {} if self.contact_parameter is None else {"contact": tables[self.contact_parameter]}
+        if np.isfinite(settings.get("r_cutoff", np.inf)):
+            for key in ("r_onset", "r_cutoff"):
+                radii[key] = tables[self.range_parameter] * settings[key]
+        return radii
+
 
 def _switch(r, sigma, onset: float, cutoff: float):
     """JAX-MD's smooth multiplicative cutoff (HOOMD-blue's XPLOR form), in units of each pair's σ.

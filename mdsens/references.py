@@ -2,8 +2,9 @@
 
 * :func:`relative_error`: ‖value − reference‖ / ‖reference‖, the one measure of disagreement;
 * :func:`central_difference`: (x*(θ + h t) − x*(θ − h t)) / 2h from two relaxations
-  warm-started at x*(θ), with the contact changes between the two ends (where a finite
-  difference measures a jump, not a derivative);
+  warm-started at x*(θ), with the pairs that cross a non-smooth radius of the potential between
+  the two ends (:func:`crossings`: a contact of soft spheres, either end of the Lennard-Jones or
+  Morse switch), across which a finite difference measures a kink, not a derivative;
 * :func:`unrolled_jvp`, :func:`unrolled_trajectory_jvp` and :func:`unrolled_vjp`: autodiff
   through K steps of the minimiser, from its start (what implicit differentiation avoids).
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens import implicit
+from mdsens.potentials import metric_from
 from mdsens.relaxation import Relaxer, RelaxResult
 from mdsens.system import System
 
@@ -53,9 +55,28 @@ class _Identity:
         return isinstance(other, _Identity) and other.system is self.system
 
 
+def _within_radii(system: System, x, params):
+    """(i, j, {radius name: (M,) bool}): the candidate pairs (all pairs i < j, or the neighbour
+    list's at ``x``) and, for each non-smooth radius of the potential
+    (:meth:`mdsens.potentials.Potential.non_smooth_radii`), which of them are closer than it."""
+    n = system.n_particles
+    if system.pair_list is None:
+        i, j = (jnp.asarray(a) for a in np.triu_indices(n, 1))
+        valid = jnp.ones(i.shape, dtype=bool)
+    else:
+        i, j = system.pair_list.at(x).idx
+        valid = i < n  # padded slots hold n
+    r = jax.vmap(metric_from(system.displacement))(x[i], x[j])
+    types = jnp.asarray(system.types)
+    ti, tj = types[i], types[j]
+    radii = system.potential.non_smooth_radii(system.pair_values(params), system.settings)
+    return i, j, {name: valid & (r < radius[ti, tj]) for name, radius in radii.items()}
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled(key: _Identity):
-    """(difference, project) of one system, compiled once: every h and every stack reuses them."""
+    """(difference, project, within_radii) of one system, compiled once: every h and every stack
+    reuses them."""
     system = key.system
     difference = jax.jit(jax.vmap(system.displacement))
 
@@ -63,14 +84,14 @@ def _compiled(key: _Identity):
         basis = system.nullspace(x, params)
         return jax.vmap(lambda v: implicit.project_out(basis, v.ravel()).reshape(v.shape))(dxs)
 
-    return difference, jax.jit(project)
+    return difference, jax.jit(project), jax.jit(functools.partial(_within_radii, system))
 
 
 def without_null_space(system: System, x, params, dx) -> np.ndarray:
     """``dx`` (N, d), or a stack of them (K, N, d), with the zero modes of the Hessian at ``x``
     projected out: rigid motions of the non-rattlers and every rattler degree of freedom."""
     dx = jnp.asarray(dx)
-    _, project = _compiled(_Identity(system))
+    _, project, _ = _compiled(_Identity(system))
     stack = dx if dx.ndim == 3 else dx[None]
     out = np.asarray(project(jnp.asarray(x), params, stack))
     return out if dx.ndim == 3 else out[0]
@@ -81,6 +102,31 @@ def shifted(params, tangent, step: float):
     return jax.tree_util.tree_map(lambda p, t: p + step * t, params, tangent)
 
 
+def crossings(system: System, x_a, params_a, x_b, params_b) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(particles, radii): the (N,) mask of particles in a pair that is on different sides of a
+    non-smooth radius of the potential in the two states, and the names of the radii crossed
+    (``contact``, ``r_onset``, ``r_cutoff``: see
+    :meth:`mdsens.potentials.Potential.non_smooth_radii`). Both the distances and the radii
+    (which scale with θ) move. For soft spheres these are the contact changes. Not jittable."""
+    _, _, within = _compiled(_Identity(system))
+    sides = []
+    for x, params in ((x_a, params_a), (x_b, params_b)):
+        i, j, inside = within(jnp.asarray(x), params)
+        i, j = np.asarray(i), np.asarray(j)
+        low, high = np.minimum(i, j), np.maximum(i, j)
+        sides.append(
+            {name: set(zip(low[m].tolist(), high[m].tolist(), strict=True)) for name, m in inside.items()}
+        )
+    particles = np.zeros(system.n_particles, dtype=bool)
+    crossed = []
+    for name, before in sides[0].items():
+        pairs = before ^ sides[1][name]
+        if pairs:
+            crossed.append(name)
+            particles[np.array(sorted(pairs)).ravel()] = True
+    return particles, tuple(crossed)
+
+
 @dataclass(frozen=True)
 class FiniteDifference:
     """A central finite difference of the relaxed positions.
@@ -89,7 +135,9 @@ class FiniteDifference:
         dx: (N, d) minimum-image (x₊ − x₋) / 2h, null-space modes at x*(θ) projected out.
         raw_dx: the same before the projection (what the relaxations did, rattlers included).
         plus, minus: the relaxations at θ + h t and θ − h t.
-        changed: (N,) particles whose contacts differ between the two ends.
+        changed: (N,) particles in a pair that crosses a non-smooth radius of the potential
+            between the two ends (:func:`crossings`; for soft spheres: whose contacts change).
+        crossed: the names of the radii crossed (``contact``, ``r_onset``, ``r_cutoff``).
         converged: both relaxations reached their force tolerance.
     """
 
@@ -99,6 +147,7 @@ class FiniteDifference:
     plus: RelaxResult
     minus: RelaxResult
     changed: np.ndarray
+    crossed: tuple[str, ...]
     converged: bool
 
     @property
@@ -126,15 +175,17 @@ def central_difference(
     system = relaxer.system
     ends = [shifted(params, tangent, sign * h) for sign in (1.0, -1.0)]
     plus, minus = (relaxer.relax(p, x0=x_star, fmax=fmax) for p in ends)
-    difference, _ = _compiled(_Identity(system))
+    difference, _, _ = _compiled(_Identity(system))
     raw = np.asarray(difference(jnp.asarray(plus.positions), jnp.asarray(minus.positions))) / (2 * h)
+    changed, crossed = crossings(system, plus.positions, ends[0], minus.positions, ends[1])
     return FiniteDifference(
         h=h,
         dx=without_null_space(system, x_star, params, raw),
         raw_dx=raw,
         plus=plus,
         minus=minus,
-        changed=np.asarray(system.contact_changes(plus.positions, ends[0], minus.positions, ends[1])),
+        changed=changed,
+        crossed=crossed,
         converged=bool(plus.converged and minus.converged),
     )
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ from typer.testing import CliRunner
 
 from mdsens import check
 from mdsens.check import Checker
-from mdsens.cli import app
+from mdsens.cli import app, console
+from mdsens.errors import UserError
 from mdsens.verdict import DIRECT, FINITE_DIFFERENCES, IMPLICIT, UNROLLED, Comparison, judge
 
 
@@ -58,32 +60,38 @@ def fd_rows(rows: list) -> list:
 TOL = 1e-5
 
 
-def implicit_row(converged: bool = True, residual: float = 1e-13) -> Comparison:
-    return Comparison(IMPLICIT, "implicit (CG)", 0.0, 0.1, converged=converged, residual=residual)
+def implicit_row(converged: bool = True, residual: float = 1e-13, error: float = 0.0) -> Comparison:
+    return Comparison(IMPLICIT, "implicit cg", error, 0.1, converged=converged, residual=residual)
 
 
 def direct_row(error: float) -> Comparison:
-    return Comparison(DIRECT, "direct (dense)", error, 0.1)
+    return Comparison(DIRECT, "direct", error, 0.1)
 
 
-def fd_row(h: float, error: float, changes: int = 0, converged: bool = True) -> Comparison:
-    """A finite-difference row; over the unchanged particles its error is ``error`` too unless
-    contacts changed (then a jump: 0.2) or a re-relaxation did not converge (then none)."""
+def fd_row(
+    h: float, error: float, changes: int = 0, converged: bool = True, crossed: tuple = ("contact",)
+) -> Comparison:
+    """A finite-difference row; over the particles in no crossing pair its error is ``error`` too
+    unless pairs crossed ``crossed`` radii (then a jump: 0.2) or a re-relaxation did not converge
+    (then none)."""
     unchanged = None if not converged else (error if changes == 0 else 0.2)
     return Comparison(
         FINITE_DIFFERENCES,
-        "finite differences",
+        "FD",
         error if changes == 0 else 0.3,
         0.1,
         h=h,
         error_unchanged=unchanged,
-        contact_changes=changes,
+        crossings=changes,
+        crossed=crossed if changes else (),
         converged=converged,
     )
 
 
 def unrolled_row(error: float) -> Comparison:
-    return Comparison(UNROLLED, "unrolled forward (10 steps, max|F| 1e-01)", error, 0.1, steps=10)
+    return Comparison(
+        UNROLLED, "unrolled", error, 0.1, steps=10, note="forward mode; max|F| 1e-01 at the end"
+    )
 
 
 NAN = math.nan
@@ -92,38 +100,40 @@ VERDICTS = {
         [implicit_row(), fd_row(1e-4, 0.2, changes=2), fd_row(1e-5, 3e-7), fd_row(1e-6, 2e-6)],
         1e-13,
         True,
-        "finite differences agree to 3e-07 (h = 1e-05, no contact changes)",
+        "finite differences agree to 3e-07 (h = 1e-05, no pair crosses a non-smooth radius)",
     ),
     "FD agrees, the direct solve too, the unrolled rows do not decide": (
         [implicit_row(), direct_row(1e-12), fd_row(1e-5, 3e-7), unrolled_row(0.99)],
         1e-13,
         True,
-        "finite differences agree to 3e-07 (h = 1e-05, no contact changes)",
+        "finite differences agree to 3e-07 (h = 1e-05, no pair crosses a non-smooth radius)",
     ),
     "FD disagrees on an under-relaxed state": (
         [implicit_row(), fd_row(1e-5, 3e-3), fd_row(1e-6, 4e-3)],
         1e-4,
         False,
-        "finite differences disagree (best 0.003 at h = 1e-05, a step that changes no contact);"
+        "finite differences disagree (best 0.003 at h = 1e-05, a step without crossings);"
         " max|F| at the state is 0.0001: relax to a smaller fmax",
     ),
     "FD disagrees on a relaxed state: no hint to relax further": (
         [implicit_row(), fd_row(1e-5, 3e-3)],
         1e-13,
         False,
-        "finite differences disagree (best 0.003 at h = 1e-05, a step that changes no contact)",
+        "finite differences disagree (best 0.003 at h = 1e-05, a step without crossings)",
     ),
     "all h change contacts, with a direct solve": (
         [implicit_row(), direct_row(2e-12), fd_row(1e-3, 0.3, changes=4), fd_row(1e-4, 0.1, changes=2)],
         1e-13,
         True,
-        "contacts change at every h: finite differences cannot judge; the direct solve agrees (2e-12)",
+        "a pair crosses the contact distance at every h: finite differences cannot judge; the direct"
+        " solve agrees (2e-12)",
     ),
     "all h change contacts, without a direct solve": (
         [implicit_row(), fd_row(1e-3, 0.3, changes=4)],
         1e-13,
         False,
-        "no trusted reference: contacts change at every h and the system is too large for a direct solve",
+        "no trusted reference: a pair crosses the contact distance at every h and the system is too"
+        " large for a direct solve",
     ),
     "no finite differences, with a direct solve": (
         [implicit_row(), direct_row(1e-12)],
@@ -135,8 +145,8 @@ VERDICTS = {
         [implicit_row(), fd_row(1e-5, 1e-7, converged=False), fd_row(1e-4, 0.1, changes=2)],
         1e-13,
         False,
-        "no trusted reference: at every h contacts change, a re-relaxation did not converge or the error"
-        " is not a number and the system is too large for a direct solve",
+        "no trusted reference: at every h a pair crosses a non-smooth radius, a re-relaxation did not"
+        " converge or the error is not a number and the system is too large for a direct solve",
     ),
     "the linear solve did not converge": (
         [implicit_row(converged=False, residual=3e-4), fd_row(1e-5, 3e-7)],
@@ -160,15 +170,39 @@ VERDICTS = {
         [implicit_row(), fd_row(1e-5, NAN), fd_row(1e-6, NAN)],
         1e-13,
         False,
-        "no trusted reference: at every h contacts change, a re-relaxation did not converge or the error"
-        " is not a number and the system is too large for a direct solve",
+        "no trusted reference: at every h a pair crosses a non-smooth radius, a re-relaxation did not"
+        " converge or the error is not a number and the system is too large for a direct solve",
+    ),
+    "a NaN implicit result never passes": (
+        [implicit_row(error=NAN), direct_row(NAN), fd_row(1e-5, NAN)],
+        1e-13,
+        False,
+        "the implicit result is not finite; the direct solve disagrees (nan)",
+    ),
+    "the switch onset crossed at every h, with a direct solve": (
+        [implicit_row(), direct_row(1e-12), fd_row(1e-4, 0.1, changes=15, crossed=("r_onset",))],
+        1e-13,
+        True,
+        "a pair crosses the switch onset r_onset·σ at every h: finite differences cannot judge; the direct"
+        " solve agrees (1e-12)",
+    ),
+    "both ends of the switch crossed, without a direct solve": (
+        [
+            implicit_row(),
+            fd_row(1e-3, 0.1, changes=4, crossed=("r_cutoff",)),
+            fd_row(1e-4, 0.1, changes=2, crossed=("r_onset", "r_cutoff")),
+        ],
+        1e-13,
+        False,
+        "no trusted reference: a pair crosses the cutoff r_cutoff·σ or the switch onset r_onset·σ at every h"
+        " and the system is too large for a direct solve",
     ),
     "every problem at once": (
         [implicit_row(converged=False, residual=0.5), direct_row(NAN), fd_row(1e-5, NAN), fd_row(1e-6, 1.0)],
         NAN,
         False,
         "the linear solve did not converge (residual 0.5); the direct solve disagrees (nan);"
-        " finite differences disagree (best 1 at h = 1e-06, a step that changes no contact)",
+        " finite differences disagree (best 1 at h = 1e-06, a step without crossings)",
     ),
 }
 
@@ -185,6 +219,26 @@ def test_verdict_tolerance_is_inclusive_and_an_infinite_error_fails():
     assert judge([implicit_row(), fd_row(1e-5, TOL)], TOL, 1e-13).passed
     assert not judge([implicit_row(), fd_row(1e-5, math.inf)], TOL, 1e-13).passed
     assert not judge([implicit_row(), direct_row(math.inf), fd_row(1e-5, 1e-7)], TOL, 1e-13).passed
+
+
+@pytest.mark.parametrize("tolerance", [NAN, math.inf, -math.inf, 0.0, -1e-5, "1e-5x"])
+def test_verdict_refuses_a_tolerance_that_is_not_a_positive_finite_number(tolerance):
+    """`mdsens check --tol nan` once printed PASS where finite differences disagree by 50 %: a NaN
+    tolerance compares false everywhere. No verdict is given on such a tolerance."""
+    with pytest.raises(UserError, match="the tolerance must be a positive"):
+        judge([implicit_row(), fd_row(1e-5, 0.5)], tolerance, 1e-13)
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "steps"),
+    [(NAN, check.STEPS), (0.0, check.STEPS), (-1e-5, check.STEPS), (math.inf, check.STEPS)]
+    + [(TOL, (1e-5, h)) for h in (NAN, 0.0, -1e-4, math.inf)],
+)
+def test_check_run_refuses_bad_tolerances_and_steps_before_running(
+    packing_system, packing_relaxed, tolerance, steps
+):
+    with pytest.raises(UserError, match="must be a positive finite number"):
+        check.check_run(packing_system, packing_relaxed, ["diameter.B"], tolerance, steps, unroll=())
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,10 +277,10 @@ def test_large_steps_cross_contact_changes_that_are_reported_not_trusted(packing
     result, _, _ = packing_check
     rows = {r.h: r for r in fd_rows(result.rows)}
     for h in (1e-3, 1e-4):
-        assert rows[h].contact_changes > 0
+        assert rows[h].crossings > 0 and rows[h].crossed == ("contact",)
         assert rows[h].error > 1e-2  # a jump across a contact change, not a derivative
     for h in (1e-5, 1e-6):
-        assert rows[h].contact_changes == 0
+        assert rows[h].crossings == 0 and rows[h].crossed == ()
         assert rows[h].error == rows[h].error_unchanged <= 1e-5
     assert result.reason.startswith("finite differences agree to") and "h = 1e-05" in result.reason
 
@@ -242,6 +296,19 @@ def test_unrolled_autodiff_is_the_derivative_of_the_state_reached(packing_check)
     assert rows[double].error < 1e-6
 
 
+def test_times_are_of_compiled_calls_and_implicit_is_faster_than_finite_differences(packing_check):
+    """`mdsens check` once timed compilation: implicit CG 143 s against finite differences 0.21 s.
+    Each method is compiled (warmed up) before it is timed and its compilation reported apart; one
+    implicit solve then costs less than one finite difference (two re-relaxations)."""
+    result, _, _ = packing_check
+    (implicit,) = [r for r in result.rows if r.kind == IMPLICIT]
+    fd = fd_rows(result.rows)
+    assert implicit.wall_time < sum(r.wall_time for r in fd) / len(fd)
+    assert implicit.compile_time > implicit.wall_time  # compiling CG costs more than running it
+    assert all(r.compile_time is not None and r.compile_time > 0 for r in result.rows)
+    assert len({r.compile_time for r in fd}) == 1  # FD compile once, for every h
+
+
 def test_contact_changes_at_every_step_leave_the_verdict_to_the_direct_solve(packing_checker):
     """`mdsens check --help`: "Finite differences across a change of contacts are reported, not
     blamed on the implicit answer". At h = 1e-3 alone even the particles whose own contacts did
@@ -249,13 +316,14 @@ def test_contact_changes_at_every_step_leave_the_verdict_to_the_direct_solve(pac
     check would fail. The direct solve agrees to 1e-12, so it passes, and says why."""
     result = packing_checker.check("diameter.B", unroll=(), steps=(1e-3,))
     (row,) = fd_rows(result.rows)
-    assert row.h == 1e-3 and row.contact_changes > 0
+    assert row.h == 1e-3 and row.crossings > 0
     assert row.error_unchanged > 1e-2
     (direct,) = [r for r in result.rows if r.kind == DIRECT]
     assert direct.error <= 1e-8
     assert result.passed, result.reason
     assert result.reason.startswith(
-        "contacts change at every h: finite differences cannot judge; the direct solve agrees"
+        "a pair crosses the contact distance at every h: finite differences cannot judge; the direct"
+        " solve agrees"
     )
 
 
@@ -266,10 +334,11 @@ def test_without_a_direct_solve_contact_changes_at_every_step_fail(packing_check
     result = packing_checker.check("diameter.B", unroll=(), steps=(1e-3,))
     assert not [r for r in result.rows if r.kind == DIRECT]
     (row,) = fd_rows(result.rows)
-    assert row.contact_changes > 0
+    assert row.crossings > 0
     assert not result.passed
     assert result.reason == (
-        "no trusted reference: contacts change at every h and the system is too large for a direct solve"
+        "no trusted reference: a pair crosses the contact distance at every h and the system is too"
+        " large for a direct solve"
     )
 
 
@@ -287,7 +356,7 @@ def test_check_fails_on_an_under_relaxed_run(tmp_path, monkeypatch):
     assert entry["passed"] is False and "relax to a smaller fmax" in entry["reason"]
     assert sorted(r["h"] for r in fd_rows(entry["rows"])) == sorted(check.STEPS)
     # The tight references agree with each other, not with the loose state's derivative.
-    best = min(r["error_unchanged"] for r in fd_rows(entry["rows"]) if r["contact_changes"] == 0)
+    best = min(r["error_unchanged"] for r in fd_rows(entry["rows"]) if r["crossings"] == 0)
     assert best > 1e-4
     assert "finite differences disagree" in entry["reason"]
     assert not [r for r in entry["rows"] if r["steps"] is not None]  # --no-unroll
@@ -307,25 +376,73 @@ LJ_OVERRIDES = [
 ]
 
 
-def test_check_passes_on_a_lennard_jones_crystal_with_a_vacancy(tmp_path, monkeypatch):
-    """``mdsens check -p sigma -p epsilon``: PASS, exit 0, for both parameters."""
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture(scope="module")
+def lj_run(tmp_path_factory) -> Path:
+    """A run of the relaxed Lennard-Jones crystal with a vacancy (31 atoms), written by the CLI."""
+    path = tmp_path_factory.mktemp("lj") / "lj"
     sets = [arg for override in LJ_OVERRIDES for arg in ("--set", override)]
-    relaxed = cli("relax", "--system", "lj-fcc-vacancy", *sets, "--out", "lj")
+    relaxed = cli("relax", "--system", "lj-fcc-vacancy", *sets, "--out", path)
     assert relaxed.exit_code == 0, describe(relaxed)
+    return path
+
+
+def run_copy(run: Path, where: Path) -> Path:
+    """A copy of ``run`` without check.json."""
+    return Path(shutil.copytree(run, where / "run", ignore=shutil.ignore_patterns("check.json")))
+
+
+@pytest.mark.parametrize(
+    "option",
+    [("--tol", "nan"), ("--tol", "inf"), ("--tol", "0"), ("--tol", "-1e-5"), ("--h", "nan")]
+    + [("--h", "1e-5", "--h", bad) for bad in ("0", "-1e-4", "inf")],
+)
+def test_check_refuses_a_tolerance_or_step_that_is_not_positive_and_finite(lj_run, tmp_path, option):
+    """Exit 2, one line naming the option, nothing written."""
+    run = run_copy(lj_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = cli("check", "--run", run, "-p", "sigma", "--no-unroll", *option)
+    assert result.exit_code == 2, describe(result)
+    assert result.exception is None or isinstance(result.exception, SystemExit), describe(result)
+    assert result.stdout == ""
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith(f"Error: {option[0]} must be a positive finite number")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_check_help_shows_no_flag_name_as_a_default():
+    """`check --help` once said `[default: unroll]` for --unroll/--no-unroll."""
+    result = cli("check", "--help")
+    assert result.exit_code == 0, describe(result)
+    assert "[default: unroll]" not in result.output and "Default: on." in result.output
+
+
+def test_check_passes_on_a_lennard_jones_crystal_with_a_vacancy(lj_run, tmp_path, monkeypatch):
+    """``mdsens check -p sigma -p epsilon``: PASS, exit 0, for both parameters; on a 40-column
+    console each row of its tables is still one line, led by its short method label."""
+    run = run_copy(lj_run, tmp_path)
+    monkeypatch.setattr(console.out, "width", 40)
     result = cli(
-        "check", "--run", "lj", "-p", "sigma", "-p", "epsilon", "--h", 1e-4, "--h", 1e-5, "--no-unroll"
+        "check", "--run", run, "-p", "sigma", "-p", "epsilon", "--h", 1e-4, "--h", 1e-5, "--no-unroll"
     )
     assert result.exit_code == 0, describe(result)
     assert "PASS" in result.output and "FAIL" not in result.output
-    report = json.loads(Path("lj/check.json").read_text())
+    lines = result.output.splitlines()
+    for name in ("sigma.Ar", "epsilon.Ar"):
+        title = lines.index(f"dx*/dθ for {name}")
+        header, rule, *rows = lines[title + 1 : title + 8]
+        assert header.split()[:3] == ["method", "h", "steps"] and set(rule) == {"-", " "}
+        assert [row.split()[0] for row in rows[:4]] == ["implicit", "direct", "FD", "FD"]
+        assert rows[4].startswith("PASS ")
+        assert all(len(line) > 40 for line in (header, *rows[:4]))  # not wrapped to the console
+    report = json.loads((run / "check.json").read_text())
     assert report["passed"] is True
     entries = report["parameters"]
     assert list(entries) == ["sigma.Ar", "epsilon.Ar"]
     for entry in entries.values():
         assert entry["passed"] is True, entry["reason"]
         fd = fd_rows(entry["rows"])
-        assert len(fd) == 2 and all(r["contact_changes"] == 0 for r in fd)  # no contact rule for LJ
+        # No contact rule for LJ, and no pair near the switch's ends (1.2 σ, 1.5 σ).
+        assert len(fd) == 2 and all(r["crossings"] == 0 and r["crossed"] == [] for r in fd)
         (direct,) = [r for r in entry["rows"] if r["kind"] == DIRECT]
         assert direct["error"] <= 1e-10
     # σ: x* moves around the vacancy, and the comparison is not vacuous: central differences
