@@ -291,7 +291,7 @@ BAD_INPUT = {
     "unknown-solver": (["sensitivity", "--solver", "nonsense"], "unknown solver"),
     "set-unknown-key": (["relax", "--set", "nonsense.key=1"], "unknown key"),
     "set-bad-value": (["relax", "--set", "n_particles=abc"], "must be an integer"),
-    "set-negative-fmax": (["relax", "--set", "minimizer.fmax=-1"], "must be positive"),
+    "set-negative-fmax": (["relax", "--set", "minimizer.fmax=-1"], "minimizer.fmax"),
     "set-bad-syntax": (["relax", "--set", "foo"], "bad --set"),
     "sensitivity-missing-run": (["sensitivity", "--run", "does/not/exist"], "does/not/exist"),
     "plot-missing-run": (["plot", "--run", "does/not/exist"], "does/not/exist"),
