@@ -228,17 +228,18 @@ def _resolve_top_level(recipe: Recipe, out: Recipe) -> None:
             "a recipe needs exactly one source of positions: 'structure' (a file), [lattice] or [box]"
             + (f"; it has {', '.join(sources)}" if sources else "")
         )
+    # A value for another source of positions would be ignored: refuse it instead.
+    applies = {"structure": {"structure_index"}, "lattice": set(), "box": {"dimension", "n_particles"}}
+    for key in ("structure_index", "dimension", "n_particles"):
+        if key in out and key not in applies[sources[0]]:
+            raise UserError(f"recipe key {key!r} does not apply to positions from {sources[0]!r}")
     if "structure" in recipe:
         if not isinstance(recipe["structure"], str) or not recipe["structure"]:
             raise UserError("recipe key 'structure' must be a file path")
         index = out.get("structure_index", -1)
         out["structure_index"] = check.integer(index, "structure_index", -check.MAX_INDEX, check.MAX_INDEX)
-        out.pop("dimension", None)
-        out.pop("n_particles", None)
     elif "lattice" in recipe:
         out["lattice"] = _resolve_lattice(_table(recipe, "lattice"))
-        out.pop("dimension", None)
-        out.pop("n_particles", None)
     else:
         out["dimension"] = check.integer(out.get("dimension", 2), "dimension", 2, 3)
         out["n_particles"] = check.integer(

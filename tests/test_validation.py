@@ -162,6 +162,20 @@ def test_r_onset_must_be_below_r_cutoff():
 
 
 @pytest.mark.parametrize(
+    ("name", "item"),
+    [
+        ("lj-fcc-vacancy", "n_particles=64"),
+        ("lj-cluster", "dimension=3"),
+        ("binary-packing", "structure_index=nan"),
+        ("binary-packing", "structure_index=2"),
+    ],
+)
+def test_a_value_for_another_source_of_positions_is_refused_not_ignored(name, item):
+    with pytest.raises(UserError, match="does not apply"):
+        resolve(apply_overrides(load_recipe(name), [item]))
+
+
+@pytest.mark.parametrize(
     "item", ["lattice.repeat=[1000, 1000, 1000]", "lattice.vacancies=[256]", "lattice.vacancies=[-1]"]
 )
 def test_lattice_sites_are_counted_before_building(item):
