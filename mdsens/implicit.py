@@ -46,18 +46,24 @@ class SolveInfo(NamedTuple):
     """Diagnostics of one linear solve ∂F/∂x · v = b.
 
     Attributes:
-        iterations: Krylov iterations used (the matrix size for a dense solve).
+        iterations: Krylov iterations used (the matrix size for a dense solve; 0 when
+            ``exactly_zero``).
         residual: ‖A v - P b‖ / ‖P b‖, computed afresh from the returned v with the deflated
-            operator A = ∂F/∂x + Q Qᵀ and the projector P = I - Q Qᵀ (0 when P b = 0).
+            operator A = ∂F/∂x + Q Qᵀ and the projector P = I - Q Qᵀ (0 when ``exactly_zero``).
         converged: whether that recomputed residual is accepted: at most
             :data:`RESIDUAL_SLACK` × the solver's tolerance (the larger of ``tol × ‖P b‖`` and
             ``atol``), not the tolerance itself; for :func:`dense`, whose tolerance is
             :data:`DENSE_RESIDUAL`, the same slack applies to ``atol`` only.
+        rhs_norm: ‖P b‖, the size of the right-hand side the solve saw.
+        exactly_zero: ‖P b‖ ≤ ``atol``: the right-hand side is zero or below the accuracy it is
+            known to, so the solution is exactly 0 (CG runs no iteration).
     """
 
     iterations: Array
     residual: Array
     converged: Array
+    rhs_norm: Array
+    exactly_zero: Array
 
 
 # CG stops on its recursively updated residual, which drifts from the true one by rounding: the
@@ -120,13 +126,22 @@ def _deflate(matvec: Matvec, nullspace: Array | NullSpace | None) -> Matvec:
     return op
 
 
-def _residual_info(matvec: Matvec, v: Array, b: Array, rtol: float, atol: float, iterations) -> SolveInfo:
+def _residual_info(
+    matvec: Matvec, v: Array, b: Array, rtol: float, atol: float, iterations, zero
+) -> SolveInfo:
     """:class:`SolveInfo` from the residual recomputed at the returned solution ``v``: converged
-    when it is at most ``max(rtol × ‖b‖, atol)``."""
+    when it is at most ``max(rtol × ‖b‖, atol)``. Where ``zero`` (the right-hand side is below
+    the solve's absolute tolerance and v = 0 by decision) the residual is 0 and no iteration ran."""
     b_norm = jnp.linalg.norm(b)
     r_norm = jnp.linalg.norm(matvec(v) - b)
     relative = jnp.where(b_norm > 0, r_norm / jnp.where(b_norm > 0, b_norm, 1.0), r_norm)
-    return SolveInfo(jnp.asarray(iterations), relative, r_norm <= jnp.maximum(rtol * b_norm, atol))
+    return SolveInfo(
+        jnp.where(zero, 0, iterations),
+        jnp.where(zero, 0.0, relative),
+        zero | (r_norm <= jnp.maximum(rtol * b_norm, atol)),
+        b_norm,
+        zero,
+    )
 
 
 def cg(tol: float = 1e-12, maxiter: int | None = None, atol: float = 0.0) -> LinearSolve:
@@ -170,7 +185,9 @@ def cg(tol: float = 1e-12, maxiter: int | None = None, atol: float = 0.0) -> Lin
         x0 = jnp.zeros_like(b)
         x, _, _, _, k = jax.lax.while_loop(cond, body, (x0, b, b, jnp.vdot(b, b), 0))
         x = project_out(basis, x)
-        return x, _residual_info(op, x, b, RESIDUAL_SLACK * tol, RESIDUAL_SLACK * atol, k)
+        # ‖b‖ ≤ atol stops CG before its first iteration with x = 0.
+        zero = b_norm <= atol
+        return x, _residual_info(op, x, b, RESIDUAL_SLACK * tol, RESIDUAL_SLACK * atol, k, zero)
 
     return solve
 
@@ -195,8 +212,9 @@ def dense(rcond: float = 1e-12, atol: float = 0.0) -> LinearSolve:
         inverse = jnp.where(keep, 1.0 / jnp.where(keep, eigenvalues, 1.0), 0.0)
         x = project_out(basis, vectors @ (inverse * (vectors.T @ b)))
         # As for CG: a right-hand side below atol is noise, and its solution is 0.
-        x = jnp.where(jnp.linalg.norm(b) <= atol, 0.0, x)
-        return x, _residual_info(op, x, b, DENSE_RESIDUAL, RESIDUAL_SLACK * atol, b.size)
+        zero = jnp.linalg.norm(b) <= atol
+        x = jnp.where(zero, 0.0, x)
+        return x, _residual_info(op, x, b, DENSE_RESIDUAL, RESIDUAL_SLACK * atol, b.size, zero)
 
     return solve
 
@@ -267,7 +285,8 @@ def implicit_root(
 
     Both modes work: ``jax.jvp``, ``jax.jacfwd``, ``jax.vjp``, ``jax.grad``, ``jax.jacrev``, and
     ``jax.vmap``/``jax.jit`` around any of them. Limits: the derivative is only as good as the
-    root the solver returns (an unconverged x* gives a wrong derivative, with no error), the
+    root the solver returns (an unconverged x* gives a wrong derivative: the solver must fail
+    loudly itself, as :attr:`mdsens.relaxation.Relaxer.solve` does with NaN and an error), the
     operator ∂F/∂x must be symmetric (true for F = ∇ₓE), and second derivatives of x* are not
     supported. The solve's diagnostics are not visible through JAX transformations; use
     :func:`root_jvp`/:func:`root_vjp` when they are needed. A solve that does not converge or

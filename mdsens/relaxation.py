@@ -3,11 +3,21 @@
 The loop runs on the device inside ``lax.while_loop`` until max_i |F_i| ≤ fmax (the per-particle
 force norm, ASE's convention) or a step cap. :class:`Relaxer` compiles it once per system shape
 and takes the parameters as arguments, so relaxing at θ, θ + h and θ - h reuses one compilation.
-It runs in chunks of steps so that a caller can show progress between chunks.
+It runs in chunks of steps (fewer for larger systems, so that each is short), so that a caller
+can show progress between chunks and a diverging relaxation stops early: a non-finite force
+stops the compiled loop at once; non-finite positions or energies, or an energy far above the
+start (:func:`mdsens.relax_verdict.far_above`: the time step is unstable; overlaps from forces
+growing without bound end there too), stop it within :data:`CHUNK_STEPS` steps. A non-finite
+energy, force or position is never converged.
+
+Ctrl-C interrupts the wait for a chunk's result at once (KeyboardInterrupt propagates from
+:meth:`Relaxer.relax`). Nothing in the compiled loop calls back into Python: an interrupt that
+lands in such a callback would come back as a JAX runtime error, not as a KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +30,21 @@ import numpy as np
 from mdsens.errors import NotConvergedError
 from mdsens.jaxmd import minimize
 from mdsens.neighbors import overflowed
+from mdsens.relax_verdict import (
+    UNSTABLE_HINT,
+    check_tolerances,
+    divergence,
+    energy_rose,
+    raise_if_unsolved,
+    stop_reason,
+)
 from mdsens.system import System
 
-CHUNK_STEPS = 1000
+CHUNK_STEPS = 200
+"""Most minimiser steps per compiled chunk, and between two divergence checks of the energy."""
+CHUNK_PARTICLE_STEPS = 2_000_000
+"""Particle-steps per chunk: larger systems take fewer steps per chunk, so that progress and
+divergence checks come every second or so."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,9 @@ class RelaxResult:
         fmax: the force tolerance this relaxation ran to (the engine's or the call's).
         initial_energy: E at the start; a relaxation that ends higher than it started is
             unstable (time step too large) and is not ``converged`` whatever its forces.
+        diverged: the relaxation was stopped because it diverged (non-finite energy, forces or
+            positions, or an energy far above the start): never ``converged``.
+        reason: why it stopped, one sentence (converged, step cap, diverged, unstable).
     """
 
     positions: np.ndarray
@@ -52,6 +77,8 @@ class RelaxResult:
     minimizer: str
     fmax: float
     initial_energy: float
+    diverged: bool = False
+    reason: str = ""
 
     @property
     def energy_increased(self) -> bool:
@@ -59,10 +86,12 @@ class RelaxResult:
 
     def require_converged(self) -> None:
         """Raise :class:`NotConvergedError` unless the relaxation reached ``fmax``."""
+        if self.diverged:
+            raise NotConvergedError(f"relaxation stopped: {self.reason} ({UNSTABLE_HINT})")
         if self.energy_increased:
             raise NotConvergedError(
                 f"relaxation is unstable: the energy rose from {self.initial_energy:.6g} to"
-                f" {self.energy:.6g} (reduce minimizer.dt_max / dt_start, or minimizer.step_size)"
+                f" {self.energy:.6g} ({UNSTABLE_HINT})"
             )
         if not self.converged:
             raise NotConvergedError(
@@ -71,9 +100,9 @@ class RelaxResult:
             )
 
 
-def energy_rose(before: float, after: float) -> bool:
-    """Whether an energy rose beyond round-off: a minimiser must not end above its start."""
-    return after > before + 1e-9 * max(1.0, abs(before))
+def chunk_steps(n_particles: int) -> int:
+    """Steps per compiled chunk for a system of ``n_particles`` (see :data:`CHUNK_PARTICLE_STEPS`)."""
+    return max(1, min(CHUNK_STEPS, CHUNK_PARTICLE_STEPS // max(n_particles, 1)))
 
 
 def max_force(forces: jax.Array) -> jax.Array:
@@ -163,6 +192,7 @@ class Relaxer:
         settings = system.recipe["minimizer"]
         fmax = float(settings["fmax"] if self.fmax is None else self.fmax)
         max_steps = int(settings["max_steps"] if self.max_steps is None else self.max_steps)
+        check_tolerances(fmax, max_steps)
         init_fn, step_fn, positions_of, forces_of = _minimizer(system, settings)
         pair_list = system.pair_list
 
@@ -175,7 +205,9 @@ class Relaxer:
         def run(state, neighbors, steps, cap, fmax, params):
             def cond(carry):
                 state, _, k = carry
-                return (max_force(forces_of(state)) > fmax) & (k < cap)
+                force = max_force(forces_of(state))
+                # A non-finite force stops at once (NaN > fmax is already False; inf is not).
+                return (force > fmax) & jnp.isfinite(force) & (k < cap)
 
             def body(carry):
                 state, neighbors, k = carry
@@ -194,12 +226,23 @@ class Relaxer:
 
         def solve(params, x0):
             state, neighbors = start(x0, neighbors0, params)
-            state, neighbors, _ = run(state, neighbors, 0, max_steps, fmax, params)
+            state, neighbors, steps = run(state, neighbors, 0, max_steps, fmax, params)
             x = positions_of(state)
-            if neighbors is None:
-                return x
-            reach = system.potential.reach(system.pair_values(params), system.settings)
-            return jnp.where(overflowed(neighbors) | (reach > pair_list.cutoff), jnp.nan, x)
+            force = max_force(forces_of(state))
+            unconverged = ~(force <= fmax) | ~jnp.all(jnp.isfinite(x))
+            missing = jnp.asarray(False)
+            if neighbors is not None:
+                reach = system.potential.reach(system.pair_values(params), system.settings)
+                missing = overflowed(neighbors) | (reach > pair_list.cutoff)
+            # Outside the loop, so the loop itself never calls back into Python.
+            jax.debug.callback(
+                functools.partial(raise_if_unsolved, fmax=fmax, max_steps=max_steps),
+                unconverged,
+                missing,
+                force,
+                steps,
+            )
+            return jnp.where(unconverged | missing, jnp.nan, x)
 
         # A frozen dataclass is assigned its derived fields here, once, and never after.
         for key, value in {
@@ -267,6 +310,7 @@ class Relaxer:
         x0 = self.system.positions if x0 is None else x0
         fmax = self.fmax if fmax is None else float(fmax)
         max_steps = self.max_steps if max_steps is None else int(max_steps)
+        check_tolerances(fmax, max_steps)
         return self.for_params(params, x0)._relax(params, x0, progress, fmax, max_steps)
 
     def _relax(self, params, x0, progress, fmax: float, max_steps: int) -> RelaxResult:
@@ -285,9 +329,10 @@ class Relaxer:
         while neighbors is not None and bool(overflowed(neighbors)):
             neighbors = pair_list.grow(x0, neighbors)
             state, neighbors = self._start(x0, neighbors, params)
-        steps = 0
+        steps, lowest, diverged, checked = 0, initial_energy, "", 0
+        chunk = chunk_steps(self.system.n_particles)
         while True:
-            cap = min(steps + CHUNK_STEPS, max_steps)
+            cap = min(steps + chunk, max_steps)
             new_state, new_neighbors, steps_arr = self._run(state, neighbors, steps, cap, fmax, params)
             if new_neighbors is not None and bool(overflowed(new_neighbors)):
                 # The chunk ran with pairs missing: redo it with room for them.
@@ -297,23 +342,36 @@ class Relaxer:
             force = float(max_force(self._forces_of(state)))
             if progress is not None:
                 progress(steps, force)
-            if force <= fmax or steps >= max_steps or not np.isfinite(force):
+            positions = self._positions_of(state)
+            # The compiled loop stops before its cap only when it converged or the force is not
+            # finite; whatever stopped it (even an fmax that nothing satisfies), this loop ends.
+            done = steps < cap or steps >= max_steps
+            # The energy (a pass over all pairs) is checked every CHUNK_STEPS steps, not after
+            # every short chunk of a large system.
+            if done or steps - checked >= CHUNK_STEPS or not np.isfinite(force):
+                energy = float(self._energy(positions, params))
+                diverged = divergence(steps, energy, force, positions, initial_energy, lowest)
+                lowest, checked = min(lowest, energy), steps
+            if diverged or done:
                 break
-        positions = self._positions_of(state)
-        energy = float(self._energy(positions, params))
         if pair_list is not None:
-            # The minimiser's last force used the list of the step before; this one is exact.
+            # The minimiser's last force used the list of the step before; this one is exact
+            # (and is checked for finiteness again).
             force = float(self._max_force(positions, params))
+            diverged = diverged or divergence(steps, energy, force, positions, initial_energy, lowest)
+        converged = not diverged and force <= fmax and not energy_rose(initial_energy, energy)
         return RelaxResult(
             positions=np.asarray(positions),
             energy=energy,
             max_force=force,
             steps=steps,
-            converged=force <= fmax and not energy_rose(initial_energy, energy),
+            converged=converged,
             wall_time=time.perf_counter() - start,
             minimizer=self.name,
             fmax=fmax,
             initial_energy=initial_energy,
+            diverged=bool(diverged),
+            reason=diverged or stop_reason(converged, initial_energy, energy, force, fmax, steps),
         )
 
 

@@ -1,10 +1,10 @@
 """Sensitivity of a relaxed configuration to the potential's parameters.
 
-Parameters are addressed by name: ``diameter`` (every species), ``diameter.B`` (one species), and
-the potential's global parameters (``epsilon``, ``alpha``). For each scalar parameter θ this
-module gives dx*/dθ (shape (N, d)) by forward-mode implicit differentiation of
-F(x, θ) = ∇ₓE(x, θ) = 0, with the Hessian's zero modes removed (rigid translations, rotations of
-a free cluster, every degree of freedom of the rattlers: see
+Parameters are addressed by name (:mod:`mdsens.parameters`): ``diameter`` (every species),
+``diameter.B`` (one species), and the potential's global parameters (``epsilon``, ``alpha``).
+For each scalar parameter θ this module gives dx*/dθ (shape (N, d)) by forward-mode implicit
+differentiation of F(x, θ) = ∇ₓE(x, θ) = 0, with the Hessian's zero modes removed (rigid
+translations, rotations of a free cluster, every degree of freedom of the rattlers: see
 :meth:`mdsens.system.System.nullspace`), and dE*/dθ = ∂E/∂θ at x* (envelope theorem: no solve).
 :func:`relaxed_positions_fn` gives the differentiable x*(θ) for use in the user's own JAX code.
 """
@@ -22,7 +22,10 @@ import numpy as np
 
 from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
-from mdsens.potentials import PAIR
+from mdsens.parameters import directional, expand_parameters, parameter_value, unit_tangent
+
+# Callers import these from here too (the CLI, mdsens.run, the lazy top-level names).
+from mdsens.parameters import parameter_names as parameter_names
 from mdsens.relaxation import Relaxer, RelaxResult
 from mdsens.spectrum import Spectrum, lowest_eigenvalues
 from mdsens.system import System
@@ -31,111 +34,26 @@ from mdsens.system import System
 # solve (an inconsistent system returns values of order 1e18).
 ABSURD_SCALE = 1e8
 ILL_CONDITIONED = 1e7
+# A right-hand side ∂F/∂θ this many times its noise floor (the solve's absolute tolerance) is
+# signal; below, dx*/dθ is noise amplified by H⁺ (see ParameterSensitivity.resolved).
+RESOLVED_SIGNAL = 10.0
 
 
-def parameter_names(system: System) -> list[str]:
-    """Every independent scalar parameter of the system, e.g. ``diameter.A``, ``epsilon``.
-
-    Species-level parameters give one name per species (``sigma.Ar``), global ones their bare
-    name (``alpha``), and explicitly set pair values one per pair (``sigma.Ar-Kr``).
-    """
-    names = []
-    for key, spec in system.potential.parameters.items():
-        names += [f"{key}.{s}" for s in system.species] if spec.level == "species" else [key]
-        a, b = np.nonzero(np.triu(system.overridden[key]))
-        names += [f"{key}.{system.species[i]}-{system.species[j]}" for i, j in zip(a, b, strict=True)]
-    return names
-
-
-def _address(system: System, name: str) -> tuple[str, str, tuple[int, ...]]:
-    """(parameter, level, species indices) of a scalar name: ``epsilon``, ``sigma.Ar``, ``sigma.Ar-Kr``."""
-    key, _, rest = name.partition(".")
-    spec = system.potential.parameters.get(key)
-    if spec is None:
-        raise UserError(
-            f"unknown parameter {name!r}; {system.potential.name} has: "
-            + ", ".join(system.potential.parameters)
-        )
-    if not rest:
-        if spec.level == "species":
-            raise UserError(f"{key!r} is per species: name one ({key}.{system.species[0]}) or expand it")
-        return key, "global", ()
-    parts = rest.split("-")
-    if any(p not in system.species for p in parts) or len(parts) > 2:
-        raise UserError(f"unknown species in parameter {name!r}; species: {', '.join(system.species)}")
-    indices = tuple(sorted(system.species.index(p) for p in parts))
-    if len(indices) == 1:
-        if spec.level != "species":
-            raise UserError(f"{key!r} is one value for all species; use {key!r} or a pair {key}.A-B")
-        return key, "species", indices
-    return key, "pair", indices
-
-
-def _canonical(system: System, name: str) -> str:
-    key, level, indices = _address(system, name)
-    if level == "pair":
-        return f"{key}.{system.species[indices[0]]}-{system.species[indices[1]]}"
-    return name
-
-
-def expand_parameters(system: System, selection: list[str] | tuple[str, ...]) -> list[str]:
-    """Check every name and expand a bare parameter name to all its independent entries.
-
-    ``diameter`` → ``diameter.A``, ``diameter.B`` (and set pairs); ``sigma.Kr-Ar`` →
-    ``sigma.Ar-Kr`` (species order). Keeps order, drops repeats.
-
-    Raises:
-        UserError: an unknown parameter or species.
-    """
-    known = parameter_names(system)
-    out: list[str] = []
-    for name in selection:
-        if "." not in name and name in system.potential.parameters:
-            group = [n for n in known if n == name or n.startswith(name + ".")]
-        else:
-            group = [_canonical(system, name)]
-        out += [n for n in group if n not in out]
-    return out
-
-
-def unit_tangent(system: System, name: str) -> dict:
-    """A tangent pytree shaped like ``system.params``: 1 at parameter ``name``, 0 elsewhere."""
-    key, level, indices = _address(system, name)
-    tangent = jax.tree_util.tree_map(jnp.zeros_like, system.params)
-    if level == "global":
-        tangent[key] = jnp.ones_like(tangent[key])
-    elif level == "species":
-        tangent[key] = tangent[key].at[indices[0]].set(1.0)
-    else:
-        i, j = indices
-        tangent[PAIR] = {**tangent[PAIR], key: tangent[PAIR][key].at[i, j].set(1.0).at[j, i].set(1.0)}
-    return tangent
-
-
-def directional(tree, tangent) -> float:
-    """Σ tree · tangent over the pytree: a gradient's component along a parameter direction."""
-    products = jax.tree_util.tree_map(lambda a, b: jnp.sum(a * b), tree, tangent)
-    return float(jax.tree_util.tree_reduce(lambda a, b: a + b, products))
-
-
-def parameter_value(system: System, params: dict, name: str) -> float:
-    """The value of the scalar parameter ``name`` in ``params`` (a pair's value after mixing)."""
-    key, level, indices = _address(system, name)
-    if level == "pair":
-        return float(system.pair_values(params)[key][indices[0], indices[1]])
-    value = params[key]
-    return float(value[indices[0]] if level == "species" else value)
+def solve_atol(system: System) -> float:
+    """The linear solve's absolute tolerance: the norm of a force field with every component at
+    the relaxation's ``fmax``. The right-hand side ∂F/∂θ is known no better than the state is
+    relaxed (∂F/∂ε = F/ε, for one, is the residual force itself)."""
+    return system.recipe["minimizer"]["fmax"] * math.sqrt(system.positions.size)
 
 
 def linear_solve_from_recipe(system: System, solver: str | None = None) -> implicit.LinearSolve:
     """The linear solve named in the recipe's ``sensitivity`` table (or by ``solver``).
 
-    Its absolute tolerance is the norm of a force field with every component at the
-    relaxation's ``fmax``: the right-hand side is known no better than the state is relaxed.
+    Its absolute tolerance is :func:`solve_atol`.
     """
     settings = system.recipe["sensitivity"]
     solver = settings["solver"] if solver is None else solver
-    atol = system.recipe["minimizer"]["fmax"] * math.sqrt(system.positions.size)
+    atol = solve_atol(system)
     if solver == "cg":
         return implicit.cg(tol=settings["tol"], maxiter=settings["maxiter"] or None, atol=atol)
     if solver == "dense":
@@ -158,13 +76,15 @@ def relaxed_positions_fn(system: System, relaxer: Relaxer | None = None, solver:
     ``x0`` (default: the system's initial positions) is where the minimiser starts; pass a
     relaxed state to warm-start.
 
-    Limits: the derivative assumes the minimiser converged (a relaxation stopped at its step
-    cap gives a wrong derivative; check with :func:`mdsens.relaxation.Relaxer.relax` first); it is
-    undefined where the contact network changes; second derivatives are not supported. With a
-    neighbour list (:mod:`mdsens.neighbors`) its size and cutoff are fixed when this function is
-    built: parameters whose interaction range exceeds the cutoff (the recipe's range + 10 %), or a
-    state with more pairs than the list holds, give NaN rather than a wrong number; then pass
-    ``relaxer.for_params(params, x)`` and its system.
+    Fails loudly rather than differentiating a state that is not relaxed: where the inner
+    relaxation does not reach the engine's ``fmax`` within its ``max_steps`` (or diverges), x*
+    and its derivatives are NaN and the call raises (inside ``jit`` as a JAX runtime error whose
+    message says "did not converge"); so does a linear solve that fails. With a neighbour list
+    (:mod:`mdsens.neighbors`) its size and cutoff are fixed when this function is built:
+    parameters whose interaction range exceeds the cutoff (the recipe's range + 10 %), or a state
+    with more pairs than the list holds, fail the same way; then pass
+    ``relaxer.for_params(params, x)`` and its system. The derivative is undefined where the
+    contact network changes; second derivatives are not supported.
     """
     relaxer = Relaxer(system) if relaxer is None else relaxer
     # jit here so that eager use (no jit around the user's code) compiles once, not per call.
@@ -215,6 +135,16 @@ def _warnings(rattlers: np.ndarray, spectrum: Spectrum | None, force: float, fma
     return out
 
 
+def _unresolved(entries: dict) -> list[str]:
+    """A warning per dx*/dθ below what the solve resolves (exact zeros are results, not noise)."""
+    return [
+        f"dx*/d{name} (max {entry.max_displacement:.2g}) is below what the solve resolves: noise,"
+        " not a result (relax to a smaller fmax to resolve it)"
+        for name, entry in entries.items()
+        if not (entry.resolved or entry.exactly_zero)
+    ]
+
+
 @dataclass(frozen=True)
 class ParameterSensitivity:
     """dx*/dθ and dE*/dθ for one scalar parameter, with the solve's diagnostics.
@@ -225,10 +155,18 @@ class ParameterSensitivity:
         dx: dx*/dθ, shape (N, d), zero modes removed (rigid motions; rattlers' rows are 0).
         denergy: dE*/dθ (envelope theorem).
         solver: ``cg`` or ``dense``.
-        iterations: linear-solver iterations.
-        residual: relative residual of the linear solve.
+        iterations: linear-solver iterations (0 when ``exactly_zero``).
+        residual: relative residual of the linear solve (0 when ``exactly_zero``).
         converged: whether the solve was accepted (:attr:`mdsens.implicit.SolveInfo.converged`).
         wall_time: seconds for this parameter (compilation included for the first).
+        exactly_zero: the right-hand side ∂²E/∂x∂θ is zero or below the solve's absolute
+            tolerance (:func:`solve_atol`), so dx*/dθ = 0 exactly and no solve ran.
+        resolved: dx*/dθ is signal, not noise: the right-hand side ‖P ∂F/∂θ‖ exceeds
+            :data:`RESOLVED_SIGNAL` × the absolute tolerance, the accuracy it is known to (the
+            residual forces of the relaxed state), so that noise of that size changes dx*/dθ by
+            less than its own size (unless the Hessian's condition number amplifies it: see the
+            spectrum's warning). False when ``exactly_zero`` (nothing to resolve). An unresolved
+            dx*/dθ must not be drawn or reported as a result.
     """
 
     name: str
@@ -240,6 +178,13 @@ class ParameterSensitivity:
     residual: float
     converged: bool
     wall_time: float
+    exactly_zero: bool
+    resolved: bool
+
+    @property
+    def max_displacement(self) -> float:
+        """max over particles of the vector norm |dx_i*/dθ|: what "max|dx*/dθ|" means everywhere."""
+        return float(np.max(np.linalg.norm(self.dx, axis=-1))) if self.dx.size else 0.0
 
 
 @dataclass(frozen=True)
@@ -352,6 +297,7 @@ class Sensitivity:
                 " computed here would be wrong (relax again, or allow it explicitly)"
             )
         denergy = self._denergy(x, params)
+        atol = solve_atol(system)
         out = {}
         scale = ABSURD_SCALE * max(float(np.max(np.abs(system.cell))), float(np.ptp(positions)), 1.0)
         for name in names:
@@ -369,6 +315,8 @@ class Sensitivity:
                 residual=float(info.residual),
                 converged=bool(info.converged),
                 wall_time=time.perf_counter() - t0,
+                exactly_zero=bool(info.exactly_zero),
+                resolved=not bool(info.exactly_zero) and float(info.rhs_norm) > RESOLVED_SIGNAL * atol,
             )
             worst = float(np.max(np.abs(dx))) if dx.size else 0.0
             if not np.all(np.isfinite(dx)) or worst * abs(entry.value or 1.0) > scale:
@@ -401,7 +349,7 @@ class Sensitivity:
             wall_time=time.perf_counter() - start,
             rattlers=rattlers,
             spectrum=lowest,
-            warnings=_warnings(rattlers, lowest, force, fmax),
+            warnings=_warnings(rattlers, lowest, force, fmax) + _unresolved(out),
         )
 
 

@@ -332,6 +332,26 @@ def test_root_vjp_without_nullspace_reports_failure():
     assert float(info.residual) > 0.5
 
 
+@pytest.mark.parametrize(
+    "scale, zero", [(0.0, True), (1e-9, True), (1e-6, False)], ids=["0", "noise", "signal"]
+)
+@pytest.mark.parametrize("solve_name", list(LINEAR_SOLVES))
+def test_a_right_hand_side_below_atol_is_an_exact_zero_not_a_failed_solve(solve_name, scale, zero):
+    """‖b‖ ≤ atol: v = 0 exactly, 0 iterations, residual 0, accepted, ``exactly_zero``; above
+    atol a real solve runs (before: 0 iterations reported with residual 1, like a failure)."""
+    atol = 1e-8
+    b = scale * jnp.ones(N_Q) / jnp.sqrt(N_Q)
+    v, info = LINEAR_SOLVES[solve_name](atol=atol)(lambda u: A_Q @ u, b, None)
+    assert bool(info.exactly_zero) is zero and bool(info.converged)
+    assert float(info.rhs_norm) == pytest.approx(scale, rel=1e-12)
+    if zero:
+        assert not np.any(np.asarray(v)) and int(info.iterations) == 0 and float(info.residual) == 0.0
+    else:
+        # Solved to the absolute tolerance it was given (up to the accepted slack).
+        assert np.linalg.norm(np.asarray(A_Q @ v - b)) <= implicit.RESIDUAL_SLACK * atol
+        assert int(info.iterations) >= 1
+
+
 # --------------------------------------------------------------------------------------------
 # (d) jax.vmap and jax.jit compose
 
