@@ -16,25 +16,16 @@ import pytest
 
 from mdsens import implicit
 from mdsens.recipe import apply_overrides
+from mdsens.references import relative_error, without_null_space
 from mdsens.relaxation import Relaxer
 from mdsens.sensitivity import Sensitivity, relaxed_positions_fn, unit_tangent
-from mdsens.system import build_system
+from mdsens.system import build_system, load_system
 
 
 def min_image(system, a, b) -> np.ndarray:
-    """a − b per particle, wrapped into the periodic box (minimum image)."""
+    """a − b per particle, wrapped into the periodic box (minimum image; mdsens.references keeps
+    its own private)."""
     return np.asarray(jax.vmap(system.displacement)(jnp.asarray(a), jnp.asarray(b)))
-
-
-def remove_translation(dx) -> np.ndarray:
-    """Remove the rigid translation (mean over particles, per axis)."""
-    dx = np.asarray(dx)
-    return dx - dx.mean(axis=0, keepdims=True)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +64,7 @@ def test_packing_sensitivity_matches_reference(packing_sensitivity, packing_refe
     assert entry.converged and entry.residual < 1e-10
     assert entry.value == 0.6
     np.testing.assert_allclose(entry.dx.mean(axis=0), 0.0, atol=1e-12)  # translation removed
-    assert rel_err(entry.dx, packing_reference["dx_ddiameter_B"]) < 1e-8
+    assert relative_error(entry.dx, packing_reference["dx_ddiameter_B"]) < 1e-8
     assert packing_sensitivity.removed_modes == ["translation.x", "translation.y"]
 
 
@@ -81,7 +72,7 @@ def test_packing_dense_solver_matches_reference(packing_system, packing_relaxed,
     result = Sensitivity(packing_system, solver="dense").compute(packing_relaxed, ["diameter.B"])
     entry = result.parameters["diameter.B"]
     assert entry.converged and entry.solver == "dense"
-    assert rel_err(entry.dx, packing_reference["dx_ddiameter_B"]) < 1e-8
+    assert relative_error(entry.dx, packing_reference["dx_ddiameter_B"]) < 1e-8
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +91,7 @@ def packing_vjp(packing_system, packing_relaxer, packing_relaxed):
 def test_fd_matches_forward_mode(packing_sensitivity, packing_fd):
     fd_dx, _ = packing_fd("diameter.B")
     implicit_dx = packing_sensitivity.parameters["diameter.B"].dx
-    assert rel_err(implicit_dx, fd_dx) < 1e-5
+    assert relative_error(implicit_dx, fd_dx) < 1e-5
 
 
 def test_fd_matches_reverse_mode_and_forward_agrees(
@@ -119,7 +110,8 @@ def test_fd_matches_reverse_mode_and_forward_agrees(
         # The FD and forward derivatives have no translation, so uᵀ(dx) = (Pu)ᵀ(dx). Errors are
         # relative to the typical size of uᵀ(dx), ‖Pu‖‖dx‖/√n, not to the value itself, which a
         # random u can make arbitrarily small by cancellation.
-        scale = np.linalg.norm(remove_translation(u)) * np.linalg.norm(fd_dx) / np.sqrt(u.size)
+        projected = without_null_space(packing_system, packing_relaxed.positions, packing_system.params, u)
+        scale = np.linalg.norm(projected) * np.linalg.norm(fd_dx) / np.sqrt(u.size)
         assert abs(reverse - np.sum(u * fd_dx)) <= 1e-5 * scale
         assert abs(reverse - np.sum(u * forward_dx)) <= 1e-10 * scale
 
@@ -132,7 +124,7 @@ def test_jvp_of_relaxed_positions_fn_matches_sensitivity(
     tangents = jax.tree_util.tree_map(jnp.zeros_like, packing_system.params)
     tangents["diameter"] = jnp.array([0.0, 1.0])
     _, dx = jax.jvp(lambda p: x_star(p, x0), (packing_system.params,), (tangents,))
-    assert rel_err(dx, packing_sensitivity.parameters["diameter.B"].dx) < 1e-10
+    assert relative_error(dx, packing_sensitivity.parameters["diameter.B"].dx) < 1e-10
 
 
 def test_grad_of_non_invariant_observable(
@@ -156,7 +148,7 @@ def test_grad_of_non_invariant_observable(
     grad = np.asarray(jax.grad(observable)(packing_system.params)["diameter"])
     assert grad.shape == (2,)
     assert np.all(np.isfinite(grad))
-    c_projected = remove_translation(c)
+    c_projected = without_null_space(packing_system, packing_relaxed.positions, packing_system.params, c)
     for index, species in enumerate(packing_system.species):
         fd_dx, _ = packing_fd(f"diameter.{species}")
         assert grad[index] == pytest.approx(float(np.sum(c_projected * fd_dx)), rel=1e-5)
@@ -180,6 +172,39 @@ def test_energy_is_linear_in_epsilon(packing_relaxed, packing_sensitivity):
     entry = packing_sensitivity.parameters["epsilon"]
     assert entry.denergy == pytest.approx(packing_relaxed.energy / entry.value, rel=1e-12)
     assert np.max(np.abs(entry.dx)) < 1e-10
+
+
+def test_a_zero_sensitivity_reads_exactly_zero_not_as_a_failed_solve(packing_sensitivity):
+    """dx*/dε: the right-hand side F(x*)/ε is below the solve's absolute tolerance, so the
+    answer is 0 exactly, with 0 iterations and residual 0 (before: residual 1.0, 0 iterations)."""
+    entry = packing_sensitivity.parameters["epsilon"]
+    assert entry.exactly_zero and entry.converged and not entry.resolved
+    assert (entry.iterations, entry.residual, entry.max_displacement) == (0, 0.0, 0.0)
+    assert not np.any(entry.dx)
+    assert not any("epsilon" in warning for warning in packing_sensitivity.warnings)
+
+
+@pytest.mark.parametrize("name", ["diameter.A", "diameter.B", "alpha"])
+def test_a_physical_sensitivity_is_resolved(packing_sensitivity, name):
+    entry = packing_sensitivity.parameters[name]
+    assert entry.resolved and not entry.exactly_zero and entry.iterations > 0
+    # max|dx*/dθ| is the largest per-particle vector norm, never a Cartesian component.
+    norms = np.linalg.norm(entry.dx, axis=1)
+    assert entry.max_displacement == float(norms.max()) > float(np.max(np.abs(entry.dx)))
+
+
+def test_lj_epsilon_sensitivity_is_never_reported_as_signal():
+    """A one-species LJ crystal: E ∝ ε, so dx*/dε = 0 in theory; what a solve returns from the
+    residual forces is noise, and must read as an exact zero or as unresolved, with a warning."""
+    system = load_system("lj-fcc-vacancy", overrides=["rattle=0.01"])
+    relaxed = Relaxer(system).relax()
+    relaxed.require_converged()
+    result = Sensitivity(system).compute(relaxed, ["epsilon", "sigma.Ar"], spectrum=False)
+    entry = result.parameters["epsilon.Ar"]
+    assert entry.exactly_zero or not entry.resolved
+    assert entry.exactly_zero or any("dx*/depsilon.Ar" in warning for warning in result.warnings)
+    assert entry.converged
+    assert result.parameters["sigma.Ar"].resolved
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +376,7 @@ def test_packing_length_scaling(packing_system, packing_relaxed):
     start = np.mod(s * (packing_relaxed.positions + kick), scaled.box)
     result = Relaxer(scaled.with_positions(start)).relax(x0=start)
     result.require_converged()
-    offset = remove_translation(min_image(scaled, result.positions, s * packing_relaxed.positions))
+    offset = min_image(scaled, result.positions, s * packing_relaxed.positions)
+    offset = without_null_space(scaled, result.positions, scaled.params, offset)
     assert np.max(np.abs(offset)) < 1e-8 * s
     assert result.energy == pytest.approx(packing_relaxed.energy, rel=1e-10)
