@@ -119,8 +119,9 @@ def crossings(system: System, x_a, params_a, x_b, params_b) -> tuple[np.ndarray,
         )
     particles = np.zeros(system.n_particles, dtype=bool)
     crossed = []
-    for name, before in sides[0].items():
-        pairs = before ^ sides[1][name]
+    # In the potential's order (a jitted dict comes back with its keys sorted).
+    for name in system.potential.non_smooth_radii(system.pair_values(params_a), system.settings):
+        pairs = sides[0][name] ^ sides[1][name]
         if pairs:
             crossed.append(name)
             particles[np.array(sorted(pairs)).ravel()] = True

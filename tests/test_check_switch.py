@@ -26,8 +26,9 @@ import pytest
 
 from mdsens.check import Checker
 from mdsens.potentials import metric_from
-from mdsens.references import crossings
+from mdsens.references import crossings, shifted
 from mdsens.relaxation import Relaxer
+from mdsens.sensitivity import unit_tangent
 from mdsens.system import load_system
 from mdsens.verdict import DIRECT, FINITE_DIFFERENCES, IMPLICIT, judge, trusted
 
@@ -139,3 +140,32 @@ def test_crossings_see_moving_radii_with_fixed_positions(crystal):
     np.testing.assert_array_equal(marked, expected)
     unchanged, none = crossings(system, x, params, x, params)
     assert not unchanged.any() and none == ()
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "parameter", "radii"),
+    [
+        ("binary-packing", ["n_particles=256", "seed=3"], "diameter.B", ("contact",)),
+        (
+            "lj-fcc-vacancy",
+            ["lattice.repeat=[5,5,5]", "potential.r_onset=1.2", "potential.r_cutoff=1.5", "rattle=0.05"],
+            "sigma.Ar",
+            ("r_onset", "r_cutoff"),
+        ),
+    ],
+)
+def test_crossings_with_a_neighbour_list_are_those_of_all_pairs(name, overrides, parameter, radii):
+    """Between the start and a moved start at a 1 % larger parameter, a neighbour list finds the
+    same crossing particles as all pairs; for soft spheres they are the contact changes."""
+    dense, listed = (load_system(name, [*overrides, f'neighbors.mode="{m}"']) for m in ("never", "always"))
+    assert dense.pair_list is None and listed.pair_list is not None
+    x = dense.positions
+    moved = x + 1e-3 * np.random.default_rng(0).standard_normal(x.shape)
+    grown = shifted(dense.params, unit_tangent(dense, parameter), 0.01)
+    marked, crossed = crossings(dense, x, dense.params, moved, grown)
+    assert crossed == radii and marked.any() and not marked.all()
+    listed_marked, listed_crossed = crossings(listed, x, dense.params, moved, grown)
+    np.testing.assert_array_equal(listed_marked, marked)
+    assert listed_crossed == crossed
+    if "contact" in radii:
+        np.testing.assert_array_equal(marked, dense.contact_changes(x, dense.params, moved, grown))
