@@ -115,13 +115,11 @@ def sensitivity(
 def _describe(entry) -> str:
     """dE*/dθ and what dx*/dθ is: exactly zero (no solve ran), unresolved noise, or its largest
     per-particle length with the solve's diagnostics."""
-    from mdsens.run import exactly_zero, max_particle_dx, resolved
-
     energy = f"dE*/dθ = {entry.denergy:+.10e}  "
-    if exactly_zero(entry):
+    if entry.exactly_zero:
         return energy + "dx*/dθ = 0 exactly (∂²E/∂x∂θ = 0: no solve needed)"
-    size = f"max|dx*/dθ| = {max_particle_dx(entry):.4e}"
+    size = f"max|dx*/dθ| = {entry.max_displacement:.4e}"
     solve = f"{entry.solver}: {entry.iterations} it, residual {entry.residual:.1e}"
-    if not resolved(entry):
+    if not entry.resolved:
         return energy + f"{size}  unresolved: below the solve's resolution, numerical noise ({solve})"
     return energy + f"{size}  {solve}"

@@ -134,6 +134,8 @@ def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxRes
         "minimizer": result.minimizer,
         "wall_time": result.wall_time,
         "initial_energy": result.initial_energy,
+        "diverged": result.diverged,
+        "reason": result.reason,
     }
     atoms = _atoms(system, result.positions)
     # ASE moves an info["energy"] into the calculator on reading; keep it there from the start.
@@ -203,6 +205,9 @@ def _relax_result(positions: np.ndarray, stored: dict) -> RelaxResult:
         minimizer=str(stored["minimizer"]),
         fmax=float(stored["fmax"]),
         initial_energy=float(stored["initial_energy"]),
+        # Runs written before these were recorded did not diverge (they would not be written).
+        diverged=bool(stored.get("diverged", False)),
+        reason=str(stored.get("reason", "")),
     )
 
 
@@ -219,39 +224,20 @@ def _energy_key(parameter: str) -> str:
     return "dE_d_" + _column_safe(parameter)
 
 
-def exactly_zero(entry: ParameterSensitivity) -> bool:
-    """dx*/dθ = 0 exactly: ∂²E/∂x∂θ vanished (or was below the solve's absolute tolerance), so
-    no solve ran."""
-    fallback = entry.iterations == 0 and not np.any(entry.dx)
-    return bool(getattr(entry, "exactly_zero", fallback))
-
-
-def resolved(entry: ParameterSensitivity) -> bool:
-    """dx*/dθ is above what the linear solve can resolve (False: numerical noise)."""
-    return bool(getattr(entry, "resolved", True))
-
-
-def max_particle_dx(entry: ParameterSensitivity) -> float:
-    """max over particles of |dx_i*/dθ| (the per-particle vector norm): what "max|dx*/dθ|"
-    means everywhere (CLI, ``sensitivity.json``, figures)."""
-    value = getattr(entry, "max_displacement", None)
-    return float(np.linalg.norm(entry.dx, axis=-1).max()) if value is None else float(value)
-
-
 def _parameter_summary(name: str, entry: ParameterSensitivity) -> dict:
-    zero = exactly_zero(entry)
     return {
         "value": entry.value,
         "denergy": entry.denergy,
-        "max_particle_dx": max_particle_dx(entry),
-        "exactly_zero": zero,
-        "resolved": resolved(entry),
+        # "max|dx*/dθ|" everywhere (CLI, figures): the longest per-particle vector dx_i*/dθ.
+        "max_particle_dx": entry.max_displacement,
+        "exactly_zero": entry.exactly_zero,
+        "resolved": entry.resolved,
         "extxyz_column": _property_name(name),
         "extxyz_energy_key": _energy_key(name),
         "solver": entry.solver,
         "iterations": entry.iterations,
         # No solve ran for an exact zero: there is no residual to report.
-        "residual": None if zero else entry.residual,
+        "residual": None if entry.exactly_zero else entry.residual,
         "converged": entry.converged,
         "wall_time": entry.wall_time,
     }

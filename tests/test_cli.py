@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import ase.io
 import numpy as np
@@ -398,3 +399,64 @@ def test_unconverged_relaxation(earlier_run, tmp_path):
     summary = json.loads((run / "sensitivity.json").read_text())
     assert summary["state_relaxed"] is False
     assert summary["max_force"] > 1e-12
+
+
+# --- what the commands print ---------------------------------------------------------------------
+
+
+def test_sensitivity_without_run_names_the_run_it_used_after_a_failed_relax(earlier_run, tmp_path):
+    failed = cli("relax", *SMALL, "--seed", 5, "--set", "minimizer.max_steps=5", "--out", "results/new")
+    assert_error(failed, 1, "did not converge")
+    lines = assert_ok(cli("sensitivity", "--param", "epsilon"))
+    assert lines[0].startswith(f"No --run given: using {earlier_run}, the latest run (relaxed ")
+    assert lines[-1] == str(earlier_run)
+    result = cli("plot")
+    assert_ok(result)
+    assert f"using {earlier_run}" in result.stderr
+
+
+def test_generated_runs_print_their_seed_and_structure_runs_none():
+    assert "(seed 3)" in assert_ok(cli("relax", *SMALL, "--seed", 3, "--out", "results/a"))[0]
+    first = assert_ok(cli("relax", "--system", "lj-cluster", "--out", "results/b"))[0]
+    assert first.startswith("Relaxing lj-cluster: 13 particles") and "seed" not in first
+
+
+def test_an_unjammed_packing_gets_a_hint():
+    lines = assert_ok(cli("relax", *SMALL, "--set", "box.packing_fraction=0.4"))
+    assert ": E = 0, " in lines[1]
+    assert "below jamming" in lines[2]
+    jammed = assert_ok(cli("relax", *SMALL, "--out", "results/jammed"))
+    assert not any("jamming" in line for line in jammed)
+
+
+def test_sensitivity_says_exactly_zero_and_the_largest_particle_displacement(earlier_run):
+    lines = assert_ok(cli("sensitivity", "--run", earlier_run, "--param", "epsilon", "--param", "diameter.B"))
+    (epsilon,) = [line for line in lines if line.strip().startswith("epsilon")]
+    assert "dx*/dθ = 0 exactly" in epsilon and "residual" not in epsilon and " it," not in epsilon
+    (diameter,) = [line for line in lines if line.strip().startswith("diameter.B")]
+    with np.load(earlier_run / "sensitivity.npz") as data:
+        lengths = np.linalg.norm(data["diameter.B"], axis=1)
+    # max|dx*/dθ| is the longest per-particle vector, not the largest Cartesian component.
+    assert f"max|dx*/dθ| = {lengths.max():.4e}" in diameter
+    summary = json.loads((earlier_run / "sensitivity.json").read_text())["parameters"]
+    assert summary["epsilon"]["exactly_zero"] is True and summary["epsilon"]["residual"] is None
+    assert summary["diameter.B"]["max_particle_dx"] == pytest.approx(lengths.max(), rel=1e-15)
+
+
+def test_unresolved_sensitivities_are_called_noise():
+    from mdsens.cli.sensitivity import _describe
+
+    entry = SimpleNamespace(
+        denergy=1e-12,
+        dx=np.full((4, 2), 1e-10),
+        solver="cg",
+        iterations=3,
+        residual=0.5,
+        exactly_zero=False,
+        resolved=False,
+        max_displacement=1.4e-10,
+    )
+    line = _describe(entry)
+    assert "max|dx*/dθ| = 1.4000e-10" in line and "unresolved" in line and "noise" in line
+    resolved = _describe(SimpleNamespace(**{**vars(entry), "resolved": True}))
+    assert "unresolved" not in resolved and "cg: 3 it, residual 5.0e-01" in resolved
