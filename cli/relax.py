@@ -69,7 +69,7 @@ def relax(
         # reported now rather than after the relaxation.
         with run_lock(target, "relax", create=True):
             result = _relax(loaded, Relaxer(loaded))
-            if result.energy_increased or (not result.converged and not allow_unconverged):
+            if result.diverged or result.energy_increased or (not result.converged and not allow_unconverged):
                 result.require_converged()
             run = save_relaxation(target, loaded, result)
             mark_latest(run)

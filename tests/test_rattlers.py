@@ -190,9 +190,9 @@ def hole(packing_reference):
         "seed": 0,
         "box": {"side": box},
         "species": {
-            "A": {"fraction": 64, "diameter": float(ref["diameters"][0])},
-            "B": {"fraction": 64, "diameter": float(ref["diameters"][1])},
-            "C": {"fraction": 1, "diameter": SMALL_DIAMETER},
+            "A": {"fraction": 64 / 129, "diameter": float(ref["diameters"][0])},
+            "B": {"fraction": 64 / 129, "diameter": float(ref["diameters"][1])},
+            "C": {"fraction": 1 / 129, "diameter": SMALL_DIAMETER},
         },
         "potential": {"name": "soft_sphere", "epsilon": float(ref["epsilon"]), "alpha": float(ref["alpha"])},
     }
