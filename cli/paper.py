@@ -1,4 +1,4 @@
-"""``mdsens paper``: reproduce the seed paper's molecular-dynamics experiment into a directory."""
+"""``mdsens paper``: reproduce the seed paper's experiment (implicit vs unrolled vs finite differences)."""
 
 from __future__ import annotations
 

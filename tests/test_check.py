@@ -362,25 +362,11 @@ def test_check_fails_on_an_under_relaxed_run(tmp_path, monkeypatch):
     assert not [r for r in entry["rows"] if r["steps"] is not None]  # --no-unroll
 
 
-LJ_OVERRIDES = [
-    "lattice.repeat=[2,2,2]",
-    # Half the 3.10 box is 1.55: the recipe's 2.5 σ cutoff would reach beyond the minimum image,
-    # which JAX-MD's periodic space silently drops. Within 1.5 σ only the first shell interacts.
-    "potential.r_onset=1.2",
-    "potential.r_cutoff=1.5",
-    "potential.sigma=1.0",
-    "potential.epsilon=1.0",
-    "minimizer.dt_start=0.005",
-    "minimizer.dt_max=0.02",
-    "minimizer.fmax=1e-12",
-]
-
-
 @pytest.fixture(scope="module")
-def lj_run(tmp_path_factory) -> Path:
+def lj_run(tmp_path_factory, lj_crystal_overrides) -> Path:
     """A run of the relaxed Lennard-Jones crystal with a vacancy (31 atoms), written by the CLI."""
     path = tmp_path_factory.mktemp("lj") / "lj"
-    sets = [arg for override in LJ_OVERRIDES for arg in ("--set", override)]
+    sets = [arg for override in lj_crystal_overrides for arg in ("--set", override)]
     relaxed = cli("relax", "--system", "lj-fcc-vacancy", *sets, "--out", path)
     assert relaxed.exit_code == 0, describe(relaxed)
     return path

@@ -32,17 +32,6 @@ from mdsens.sensitivity import unit_tangent
 from mdsens.system import load_system
 from mdsens.verdict import DIRECT, FINITE_DIFFERENCES, IMPLICIT, judge, trusted
 
-# The crystal of tests/test_check.py (cutoff within half the box; see LJ_OVERRIDES there).
-CRYSTAL = [
-    "lattice.repeat=[2,2,2]",
-    "potential.r_onset=1.2",
-    "potential.r_cutoff=1.5",
-    "potential.sigma=1.0",
-    "potential.epsilon=1.0",
-    "minimizer.dt_start=0.005",
-    "minimizer.dt_max=0.02",
-    "minimizer.fmax=1e-12",
-]
 GAP = 3e-5  # how far outside the shell the radius is placed (σ = 1)
 TOL = 1e-5
 
@@ -53,23 +42,24 @@ def pair_distances(system, x) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def crystal():
-    """(relaxed positions, pair distances) of the crystal with r_onset = 1.2, r_cutoff = 1.5."""
-    system = load_system("lj-fcc-vacancy", overrides=CRYSTAL)
+def crystal(lj_crystal_overrides):
+    """(overrides, relaxed positions, pair distances) of the crystal with r_onset = 1.2, r_cutoff = 1.5."""
+    system = load_system("lj-fcc-vacancy", overrides=lj_crystal_overrides)
     relaxed = Relaxer(system).relax()
     relaxed.require_converged()
-    return relaxed.positions, pair_distances(system, relaxed.positions)
+    return lj_crystal_overrides, relaxed.positions, pair_distances(system, relaxed.positions)
 
 
 def placed(crystal, radius: str):
     """(system, relaxed) with ``radius`` GAP outside a shell of the relaxed crystal."""
-    x, distances = crystal
+    overrides, x, distances = crystal
     if radius == "r_onset":
         shell = distances[distances < 1.2].max()  # the first shell's largest distance
         assert distances[distances > shell].min() > 1.5  # nothing else in the switch
     else:
         shell = distances[distances > 1.5].min()  # the nearest second-shell pair
-    system = load_system("lj-fcc-vacancy", overrides=[*CRYSTAL, f"potential.{radius}={float(shell + GAP)!r}"])
+    moved_radius = f"potential.{radius}={float(shell + GAP)!r}"
+    system = load_system("lj-fcc-vacancy", overrides=[*overrides, moved_radius])
     relaxed = Relaxer(system).relax(x0=x)
     relaxed.require_converged()
     moved = np.abs(pair_distances(system, relaxed.positions) - distances).max()
