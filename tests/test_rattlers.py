@@ -43,8 +43,9 @@ def min_image(a: np.ndarray, box: float) -> np.ndarray:
 
 
 def numpy_rattlers(x: np.ndarray, diameters: np.ndarray, box: float, d: int = 2) -> np.ndarray:
-    """Rattlers by the rule of REFERENCE.md, in NumPy: remove, repeatedly, every particle with
-    fewer than d + 1 contacts (centre distance below (dᵢ + dⱼ)/2) among those still kept."""
+    """Rattlers by the usual jamming rule, in NumPy (independent of mdsens.contacts): remove,
+    repeatedly, every particle with fewer than d + 1 contacts (centre distance below
+    (dᵢ + dⱼ)/2) among those still kept."""
     r = np.linalg.norm(min_image(x[:, None] - x[None], box), axis=-1)
     contact = r < 0.5 * (diameters[:, None] + diameters[None])
     np.fill_diagonal(contact, False)
@@ -149,12 +150,12 @@ def test_reverse_mode_over_all_particles_is_the_projected_forward_answer(n1024, 
 
 
 def test_without_the_rattler_in_the_null_space_the_adjoint_solve_fails_loudly(n1024, n1024_forward):
-    """REFERENCE.md: a CG adjoint with only the translations projected returned 6e16 silently at
-    this N. The rattler's coordinates are exact zero modes of the Hessian that a cotangent on the
-    rattler hits, so the adjoint system is inconsistent: mdsens's CG must report non-convergence
-    and a residual that grew instead of shrinking. With mdsens's null space the same operator
-    converges (forward: to 1e-10, in ~520 iterations; at 400 its residual is 2e-9; reverse mode
-    through it is checked above)."""
+    """A CG adjoint with only the translations projected returned 6e16 silently at this N (measured
+    while building the rattler support). The rattler's coordinates are exact zero modes of the
+    Hessian that a cotangent on the rattler hits, so the adjoint system is inconsistent: mdsens's
+    CG must report non-convergence and a residual that grew instead of shrinking. With mdsens's
+    null space the same operator converges (forward: to 1e-10, in ~520 iterations; at 400 its
+    residual is 2e-9; reverse mode through it is checked above)."""
     system, ref = n1024
     assert n1024_forward.parameters["diameter.B"].converged
     x = jnp.asarray(ref["positions"])

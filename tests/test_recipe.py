@@ -350,7 +350,7 @@ def test_binary_packing_fraction_and_species():
     assert system.species == ("A", "B")
     np.testing.assert_array_equal(np.bincount(system.types), [64, 64])
     np.testing.assert_array_equal(np.asarray(system.params["diameter"]), [1.0, 0.6])
-    # REFERENCE.md: L = sqrt((N/2) π (D² + 1) / 4 / φ) for the paper's packing.
+    # Half the particles of diameter 1, half of D = 0.6: L = sqrt((N/2) π (D² + 1) / 4 / φ).
     side = math.sqrt(64 * math.pi * (0.36 + 1) / 4 / 0.98)
     assert system.box[0] == pytest.approx(side, rel=1e-12)
     assert system.positions.shape == (128, 2) and system.positions.dtype == np.float64
