@@ -31,21 +31,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import cli, describe
 
 from mdsens import check
 from mdsens.check import Checker
-from mdsens.cli import app, console
+from mdsens.cli import console
 from mdsens.errors import UserError
 from mdsens.verdict import DIRECT, FINITE_DIFFERENCES, IMPLICIT, UNROLLED, Comparison, judge
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def describe(result) -> str:
-    return f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
 
 
 def fd_rows(rows: list) -> list:

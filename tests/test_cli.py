@@ -22,6 +22,7 @@ import ase.io
 import numpy as np
 import pytest
 import typer.main
+from cli_helpers import cli, describe
 from typer.testing import CliRunner
 
 from mdsens.cli import app
@@ -34,16 +35,6 @@ GARBAGE = bytes(range(256)) * 8  # not a zip, not an .npy: deterministic garbage
 RELAX_FILES = ["manifest.json", "relaxed.extxyz", "relaxed.npz", "system.toml"]
 
 runner = CliRunner()
-
-
-def cli(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def describe(result) -> str:
-    return (
-        f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
-    )
 
 
 def assert_ok(result) -> list[str]:

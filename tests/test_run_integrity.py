@@ -21,12 +21,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from cli_helpers import cli
 from typer.testing import CliRunner
 
 import mdsens
 import mdsens.relaxation
 from mdsens import manifest
-from mdsens.cli import app
 from mdsens.manifest import PAUSE_ENV, file_digest, read_manifest
 from mdsens.run import RESULTS, check_target, default_run_dir, save_check
 from mdsens.run_files import read_run
@@ -35,10 +35,6 @@ from mdsens.run_lock import LOCK, run_lock
 N = 16
 SMALL = ("--set", f"n_particles={N}")
 runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def one_line_error(result, match: str) -> str:

@@ -23,9 +23,9 @@ import ase.io
 import numpy as np
 import pytest
 from ase.data import atomic_numbers
+from cli_helpers import assert_one_line_error, cli, describe
 from typer.testing import CliRunner
 
-from mdsens.cli import app
 from mdsens.errors import UserError
 from mdsens.relaxation import Relaxer
 from mdsens.run import export_structure, load_run, save_relaxation
@@ -242,29 +242,6 @@ LJ_AR = (
     "species.Ar.epsilon=1.0",
 )
 FREE_RUN = Path("results") / "cluster"
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def describe(result) -> str:
-    return (
-        f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
-    )
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    """Exit 2, no traceback, exactly one non-blank stderr line that says Error and each needle."""
-    assert result.exit_code == 2, describe(result)
-    assert result.exception is None or isinstance(result.exception, SystemExit), describe(result)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, describe(result)
-    assert lines[0].startswith("Error:")
-    for needle in needles:
-        assert needle in lines[0], describe(result)
-    return lines[0]
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -23,6 +23,7 @@ import ase.io
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import assert_one_line_error, describe
 from typer.testing import CliRunner
 
 import mdsens  # noqa: F401  (float64)
@@ -35,24 +36,6 @@ from mdsens.system import load_system
 from mdsens.validate import MAX_PARTICLES, SEED_LIMIT
 
 runner = CliRunner()
-
-
-def describe(result) -> str:
-    return (
-        f"exit {result.exit_code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
-    )
-
-
-def assert_refused(result, *needles: str) -> str:
-    """Exit 2, no traceback, exactly one non-blank line of output, an error naming each needle."""
-    assert result.exit_code == 2, describe(result)
-    assert result.exception is None or isinstance(result.exception, SystemExit), describe(result)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), describe(result)
-    for needle in needles:
-        assert needle in lines[0], describe(result)
-    return lines[0]
 
 
 @pytest.fixture
@@ -102,12 +85,12 @@ FOUND = {
 
 @pytest.mark.parametrize(("args", "needles"), list(FOUND.values()), ids=list(FOUND))
 def test_found_values_are_one_line_errors_that_write_nothing(args, needles, workdir):
-    assert_refused(relax(workdir, *args), *needles)
+    assert_one_line_error(relax(workdir, *args), *needles)
 
 
 def test_an_escaping_name_writes_nothing_outside_results(workdir):
     result = runner.invoke(app, ["relax", "--set", "name=../ESCAPED"])
-    assert_refused(result, "name")
+    assert_one_line_error(result, "name")
     assert not (workdir.parent / "ESCAPED").exists() and not (workdir / "results").exists()
 
 
@@ -311,7 +294,7 @@ def test_wrong_values_for_every_field_are_one_line_errors(key, workdir):
     draw = random.Random(f"issue-14 {key}")  # seeded: the same cases on every run
     for value in draw.sample(WRONG[kind], min(CASES_PER_FIELD, len(WRONG[kind]))):
         result = relax(workdir, *base, "--set", f"{key}={value}")
-        assert_refused(result)
+        assert_one_line_error(result)
 
 
 def test_every_resolved_field_is_swept():
