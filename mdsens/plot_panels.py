@@ -111,6 +111,18 @@ def _legend(fig: Figure, run: RunGeometry) -> None:
     fig.legend(handles=handles, title="species", loc="outside right upper")
 
 
+def _panel_atoms(ax, run: RunGeometry, param: str, norms: np.ndarray, log: bool, empty: str):
+    """Title a panel and return the mask of the atoms it draws, or ``None`` when it shows a note
+    instead (an exactly-zero or unresolved sensitivity, or no atom to draw)."""
+    note = run.facts[param].note()
+    shown, hidden = _shown(run, norms, log)
+    ax.set_title(wrap(f"θ = {param}" + ("" if note else hidden), PANEL_TITLE_INCHES))
+    if note or not shown.any():
+        _message(ax, note or empty)
+        return None
+    return shown
+
+
 def histogram_figure(run: RunGeometry, params: list[str]) -> Figure:
     """Histogram of the per-atom |dx*/dθ| per species (bars side by side), one panel per
     parameter."""
@@ -123,11 +135,8 @@ def histogram_figure(run: RunGeometry, params: list[str]) -> Figure:
         ax.set_ylabel("atoms")
         ax.set_xscale("log" if log else "linear")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        note = run.facts[param].note()
-        shown, hidden = _shown(run, norms, log)
-        ax.set_title(wrap(f"θ = {param}" + ("" if note else hidden), PANEL_TITLE_INCHES))
-        if note or not shown.any():
-            _message(ax, note or "no atom to count")
+        shown = _panel_atoms(ax, run, param, norms, log, "no atom to count")
+        if shown is None:
             continue
         values = norms[shown]
         high = float(values.max())
@@ -136,7 +145,7 @@ def histogram_figure(run: RunGeometry, params: list[str]) -> Figure:
             bins = np.geomspace(low, high, 31) if high > low else np.geomspace(high / 10, high, 31)
         else:
             bins = np.linspace(0.0, max(high, 1e-300), 31)
-        kinds = [t for t in np.unique(run.types)]
+        kinds = list(np.unique(run.types))
         ax.hist(
             [norms[shown & (run.types == t)] for t in kinds],
             bins=bins,
@@ -163,11 +172,8 @@ def distance_figure(run: RunGeometry, params: list[str], center: Center) -> Figu
         ax.set_xlabel(f"distance ({length}" + (", minimum image)" if run.periodic else ")"))
         ax.set_ylabel(f"|dx*/dθ| ({run.units.sensitivity_label(param)})")
         ax.set_yscale("log" if log else "linear")
-        note = run.facts[param].note()
-        shown, hidden = _shown(run, norms, log)
-        ax.set_title(wrap(f"θ = {param}" + ("" if note else hidden), PANEL_TITLE_INCHES))
-        if note or not shown.any():
-            _message(ax, note or "no atom to draw")
+        shown = _panel_atoms(ax, run, param, norms, log, "no atom to draw")
+        if shown is None:
             continue
         for t in np.unique(run.types):
             mine = shown & (run.types == t)
