@@ -32,9 +32,10 @@ def run(n: int, steps=STEPS, tolerances=TOLERANCES) -> dict:
     import jax.numpy as jnp
 
     from mdsens import implicit
+    from mdsens.parameters import expand_parameters, unit_tangent
     from mdsens.references import central_difference, relative_error
     from mdsens.relaxation import Relaxer
-    from mdsens.sensitivity import Sensitivity, expand_parameters, optimality_fn, unit_tangent
+    from mdsens.sensitivity import Sensitivity, optimality_fn
     from mdsens.system import load_system
 
     system = load_system("binary-packing", [f"n_particles={n}"])

@@ -43,10 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens.implicit import NullSpace, hessian_matvec, project_out
+from mdsens.parameters import unit_tangent
 from mdsens.potentials import pair_tables
 from mdsens.references import relative_error
 from mdsens.relaxation import Relaxer
-from mdsens.sensitivity import linear_solve_from_recipe, optimality_fn, unit_tangent
+from mdsens.sensitivity import linear_solve_from_recipe, optimality_fn
 from mdsens.system import System, load_system
 
 SIZES = (1024, 8192)

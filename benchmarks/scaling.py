@@ -40,8 +40,9 @@ def measure(dimension: int, n: int, fmax: float | None = None) -> dict:
     """One size, in this process: relax, then one sensitivity, each timed after compilation."""
     import jax.numpy as jnp
 
+    from mdsens.parameters import unit_tangent
     from mdsens.relaxation import Relaxer
-    from mdsens.sensitivity import Sensitivity, unit_tangent
+    from mdsens.sensitivity import Sensitivity
     from mdsens.system import load_system
 
     overrides = [f"n_particles={n}"] + ([f"minimizer.fmax={fmax}"] if fmax else [])

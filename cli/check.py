@@ -81,8 +81,8 @@ def check(
 
     def action():
         from mdsens.check import STEPS, check_run, to_json
+        from mdsens.parameters import expand_parameters, parameter_names
         from mdsens.run import load_run, save_check
-        from mdsens.sensitivity import expand_parameters, parameter_names
         from mdsens.verdict import require_positive
 
         # Refused before a run is read: a NaN tolerance would compare false, and pass, everywhere.

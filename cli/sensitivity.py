@@ -68,8 +68,9 @@ def sensitivity(
         out.print(str(run_dir), markup=False)
 
     def _compute_and_save(run_dir, note):
+        from mdsens.parameters import expand_parameters, parameter_names
         from mdsens.run import load_run, save_sensitivity
-        from mdsens.sensitivity import Sensitivity, expand_parameters, parameter_names
+        from mdsens.sensitivity import Sensitivity
 
         system, relaxed, run_dir = load_run(run_dir)
         names = expand_parameters(system, param or parameter_names(system))

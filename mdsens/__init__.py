@@ -39,7 +39,7 @@ _EXPORTS = {
     "compute_sensitivity": "mdsens.sensitivity",
     "Sensitivity": "mdsens.sensitivity",
     "relaxed_positions_fn": "mdsens.sensitivity",
-    "parameter_names": "mdsens.sensitivity",
+    "parameter_names": "mdsens.parameters",
     "save_relaxation": "mdsens.run",
     "save_sensitivity": "mdsens.run",
     "load_run": "mdsens.run",

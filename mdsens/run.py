@@ -39,6 +39,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from mdsens import atomic
 from mdsens.errors import UserError
 from mdsens.manifest import read_manifest, state_of, write_stage
+from mdsens.parameters import parameter_names, parameter_value
 from mdsens.recipe import dump_recipe
 from mdsens.relaxation import RelaxResult
 from mdsens.run_files import (
@@ -63,7 +64,7 @@ from mdsens.run_paths import (  # noqa: F401
     mark_latest,
     safe_name,
 )
-from mdsens.sensitivity import ParameterSensitivity, SensitivityResult, parameter_names, parameter_value
+from mdsens.sensitivity import ParameterSensitivity, SensitivityResult
 from mdsens.system import System, build_system
 
 

@@ -23,9 +23,6 @@ import numpy as np
 from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
 from mdsens.parameters import directional, expand_parameters, parameter_value, unit_tangent
-
-# Callers import these from here too (the CLI, mdsens.run, the lazy top-level names).
-from mdsens.parameters import parameter_names as parameter_names
 from mdsens.relaxation import Relaxer, RelaxResult
 from mdsens.spectrum import Spectrum, lowest_eigenvalues
 from mdsens.system import System

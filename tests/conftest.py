@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 import mdsens  # noqa: F401  (enables float64 before any array is made)
+from mdsens.parameters import unit_tangent
 from mdsens.references import central_difference
 from mdsens.relaxation import Relaxer, RelaxResult
-from mdsens.sensitivity import Sensitivity, unit_tangent
+from mdsens.sensitivity import Sensitivity
 from mdsens.system import System, load_system
 
 DATA = Path(__file__).parent / "data"

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 from mdsens.check import Checker
+from mdsens.parameters import unit_tangent
 from mdsens.potentials import metric_from
 from mdsens.references import crossings, shifted
 from mdsens.relaxation import Relaxer
-from mdsens.sensitivity import unit_tangent
 from mdsens.system import load_system
 from mdsens.verdict import DIRECT, FINITE_DIFFERENCES, IMPLICIT, judge, trusted
 

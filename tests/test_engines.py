@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mdsens.parameters import unit_tangent
 from mdsens.relaxation import Relaxer
-from mdsens.sensitivity import Sensitivity, unit_tangent
+from mdsens.sensitivity import Sensitivity
 from mdsens.system import load_system
 
 LISTED = ["n_particles=64", 'neighbors.mode="always"', "minimizer.fmax=1e-10"]

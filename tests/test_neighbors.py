@@ -11,8 +11,9 @@ import pytest
 from mdsens import neighbors
 from mdsens.errors import UserError
 from mdsens.neighbors import PairList
+from mdsens.parameters import unit_tangent
 from mdsens.relaxation import Relaxer
-from mdsens.sensitivity import Sensitivity, relaxed_positions_fn, unit_tangent
+from mdsens.sensitivity import Sensitivity, relaxed_positions_fn
 from mdsens.system import load_system
 
 PACKING = ["n_particles=256", "seed=3"]

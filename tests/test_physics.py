@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from mdsens import implicit
+from mdsens.parameters import unit_tangent
 from mdsens.recipe import apply_overrides
 from mdsens.references import relative_error, without_null_space
 from mdsens.relaxation import Relaxer
-from mdsens.sensitivity import Sensitivity, relaxed_positions_fn, unit_tangent
+from mdsens.sensitivity import Sensitivity, relaxed_positions_fn
 from mdsens.system import build_system, load_system
 
 

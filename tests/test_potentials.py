@@ -23,10 +23,11 @@ import pytest
 from ase.calculators.lj import LennardJones
 from ase.calculators.morse import MorsePotential
 
+from mdsens.parameters import parameter_names, unit_tangent
 from mdsens.potentials import POTENTIALS
 from mdsens.references import central_difference, relative_error
 from mdsens.relaxation import Relaxer
-from mdsens.sensitivity import Sensitivity, parameter_names, unit_tangent
+from mdsens.sensitivity import Sensitivity
 from mdsens.system import load_system
 
 DOCS = Path(__file__).parents[1] / "docs"

@@ -30,10 +30,11 @@ import numpy as np
 import pytest
 
 from mdsens import implicit, spectrum
+from mdsens.parameters import unit_tangent
 from mdsens.references import central_difference, relative_error
 from mdsens.relaxation import Relaxer
 from mdsens.run import save_relaxation, save_sensitivity
-from mdsens.sensitivity import Sensitivity, _warnings, optimality_fn, relaxed_positions_fn, unit_tangent
+from mdsens.sensitivity import Sensitivity, _warnings, optimality_fn, relaxed_positions_fn
 from mdsens.spectrum import Spectrum
 from mdsens.system import build_system, load_system
 

@@ -39,6 +39,7 @@ import numpy as np
 from mdsens import implicit
 from mdsens.experiments.paper_files import TRACE_COLUMNS, summarise, write_outputs
 from mdsens.measure import best_time, compiled_memory
+from mdsens.parameters import directional, unit_tangent
 from mdsens.plot import plot_run
 from mdsens.references import (
     central_difference,
@@ -50,7 +51,7 @@ from mdsens.references import (
 )
 from mdsens.relaxation import Relaxer, RelaxResult, max_force
 from mdsens.run import save_relaxation, save_sensitivity
-from mdsens.sensitivity import Sensitivity, directional, linear_solve_from_recipe, optimality_fn, unit_tangent
+from mdsens.sensitivity import Sensitivity, linear_solve_from_recipe, optimality_fn
 from mdsens.system import System, load_system
 
 SYSTEM = "binary-packing"
