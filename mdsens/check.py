@@ -28,15 +28,10 @@ import numpy as np
 
 from mdsens import implicit
 from mdsens.measure import compiled_memory, peak_memory
+from mdsens.parameters import expand_parameters, unit_tangent
 from mdsens.references import central_difference, relative_error, unrolled_jvp, without_null_space
 from mdsens.relaxation import Relaxer, RelaxResult, max_force
-from mdsens.sensitivity import (
-    Sensitivity,
-    expand_parameters,
-    linear_solve_from_recipe,
-    optimality_fn,
-    unit_tangent,
-)
+from mdsens.sensitivity import Sensitivity, linear_solve_from_recipe, optimality_fn
 from mdsens.system import System
 from mdsens.verdict import (
     DIRECT,
