@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdsens.potentials import metric_from
+from mdsens.potentials import metric_from, pair_values_at
 
 if TYPE_CHECKING:
     from mdsens.system import System
@@ -25,19 +25,23 @@ def contact_graph(system: System, x, params):
 
     All pairs as an (N, N) grid without a neighbour list (the diagonal is never touching),
     the listed pairs (padding never touching) with one."""
-    reach = system.pair_values(params)[system.potential.contact_parameter]
     metric = metric_from(system.displacement)
     types = jnp.asarray(system.types)
+    potential = system.potential
+
+    def reach(i, j):
+        return pair_values_at(potential, params, system.overridden, types, i, j)[potential.contact_parameter]
+
     if system.pair_list is None:
         n = x.shape[0]
         index = jnp.arange(n)
         i, j = jnp.broadcast_to(index[:, None], (n, n)), jnp.broadcast_to(index[None, :], (n, n))
         distances = jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x)
-        return i, j, (distances < reach[types[i], types[j]]) & (i != j)
+        return i, j, (distances < reach(i, j)) & (i != j)
     i, j = system.pair_list.at(x).idx
     valid = i < x.shape[0]
     distances = jax.vmap(metric)(x[i], x[j])
-    return i, j, valid & (distances < reach[types[i], types[j]])
+    return i, j, valid & (distances < reach(i, j))
 
 
 # Compiled once per system (a System hashes by identity), without storing anything in it.

@@ -19,7 +19,7 @@ import numpy as np
 
 from mdsens.errors import UserError
 from mdsens.neighbors import PairList, build_pair_list, cell_list_problem, overflowed
-from mdsens.potentials import pair_tables
+from mdsens.potentials import bounding_tables
 
 if TYPE_CHECKING:
     from mdsens.system import System
@@ -31,7 +31,7 @@ def listed_energy(potential, overridden, n_species, settings, pair_list: PairLis
 
     def energy_fn(x, params):
         neighbors = pair_list.at(x)
-        reach = potential.reach(pair_tables(potential, params, overridden, n_species), settings)
+        reach = potential.reach(bounding_tables(potential, params, overridden, n_species), settings)
         bad = (neighbors.did_buffer_overflow != 0) | (jax.lax.stop_gradient(reach) > pair_list.cutoff)
         return jnp.where(bad, jnp.nan, pair_energy_fn(x, params, neighbors.idx))
 

@@ -18,6 +18,13 @@ The pair value used for species (a, b) is ``pair[p][a, b]`` where the pair is ov
 ``mix(p)[a, b] + pair[p][a, b]`` elsewhere, where ``pair[p]`` is zero: this makes every pair
 value an independent parameter (``sigma.Ar-Kr``) that can be differentiated without touching
 the species values.
+
+Per-particle parameters are optional: ``θ["atom"][p]`` of shape (N,) holds an offset per particle
+added to its species' value before mixing, so particles i and j interact with
+``mix(p_{t_i} + δ_i, p_{t_j} + δ_j) + pair[p]`` (overridden pairs keep their own value). With the
+offsets at zero the energy is unchanged, and its gradient with respect to them is the
+derivative by each particle's own value (one diameter per particle). Only species-level
+parameters have per-particle offsets.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from jax.custom_derivatives import SymbolicZero
 from mdsens.jaxmd import smap, space
 
 PAIR = "pair"
+ATOM = "atom"
 EnergyFn = Callable[[Any, dict], Any]
 
 
@@ -197,14 +205,50 @@ def mix(rule: str | None, values):
     return values
 
 
+def mix_pairs(rule: str | None, a, b):
+    """The pair value of two values ``a``, ``b`` (arrays of the same shape) by a mixing rule."""
+    if rule == "arithmetic":
+        return 0.5 * (a + b)
+    if rule == "geometric":
+        return jnp.sqrt(a * b)
+    raise ValueError(f"no per-particle values for a parameter without a mixing rule ({rule!r})")
+
+
 def pair_tables(potential: Potential, params: dict, overridden: dict[str, np.ndarray], n_species: int):
-    """Pair value matrices (S, S) of every parameter (see the module docstring)."""
+    """Pair value matrices (S, S) of every parameter (see the module docstring), per-particle
+    offsets not included (see :func:`bounding_tables`)."""
     tables = {}
     for name, spec in potential.parameters.items():
         base = jnp.broadcast_to(mix(spec.mixing, params[name]), (n_species, n_species))
         offset = params[PAIR][name]
         tables[name] = jnp.where(overridden[name], offset, base + offset)
     return tables
+
+
+def bounding_tables(potential: Potential, params: dict, overridden: dict[str, np.ndarray], n_species: int):
+    """:func:`pair_tables` where every species value is raised by the largest per-particle offset:
+    no two particles have a larger pair value (both mixing rules increase with their arguments).
+    The same as :func:`pair_tables` without per-particle offsets. Used for interaction ranges."""
+    offsets = params.get(ATOM, {})
+    if not offsets:
+        return pair_tables(potential, params, overridden, n_species)
+    raised = {**params, **{k: params[k] + jnp.maximum(jnp.max(v), 0.0) for k, v in offsets.items()}}
+    return pair_tables(potential, raised, overridden, n_species)
+
+
+def pair_values_at(potential: Potential, params: dict, overridden, types, i, j) -> dict:
+    """Every parameter's value for the pairs (i[k], j[k]) (index arrays of any one shape),
+    per-particle offsets included; ``types`` is the (N,) species index array. Indices out of
+    range (padding) give some pair's values: mask them."""
+    n_species = len(next(iter(overridden.values())))
+    ti, tj = types[i], types[j]
+    values = {k: t[ti, tj] for k, t in pair_tables(potential, params, overridden, n_species).items()}
+    for name, offsets in params.get(ATOM, {}).items():
+        own = params[name]
+        mixed = mix_pairs(potential.parameters[name].mixing, own[ti] + offsets[i], own[tj] + offsets[j])
+        own_pair = jnp.asarray(overridden[name])[ti, tj]
+        values[name] = jnp.where(own_pair, values[name], mixed + params[PAIR][name][ti, tj])
+    return values
 
 
 def build_energy(potential: Potential, metric, types: np.ndarray, overridden, settings: dict):
@@ -219,8 +263,16 @@ def build_energy(potential: Potential, metric, types: np.ndarray, overridden, se
     # N × N parameter arrays. The (S, S) tables are passed at call time, so smap.pair must be
     # built without ignore_unused_parameters, which would drop them and silently use defaults.
     pair = smap.pair(pair_energy, metric, species=np.asarray(types))
+    # Per-particle values have no species blocks: every pair once, from a static index list
+    # (systems without a neighbour list are small, so N(N − 1)/2 pairs fit).
+    i, j = np.triu_indices(len(types), k=1)
+    metric_pairs = jax.vmap(metric)
+    types = jnp.asarray(types)
 
     def energy_fn(x, params):
+        if params.get(ATOM):
+            values = pair_values_at(potential, params, overridden, types, i, j)
+            return jnp.sum(pair_fn(_positive(metric_pairs(x[i], x[j])), **values, **settings))
         return pair(x, **pair_tables(potential, params, overridden, n_species))
 
     return energy_fn
@@ -233,7 +285,6 @@ def build_pair_energy(potential: Potential, displacement, types: np.ndarray, ove
     ordered-sparse neighbour list). Pairs beyond their interaction range contribute 0, so the
     list may hold more pairs than interact.
     """
-    n_species = int(types.max()) + 1
     types = jnp.asarray(types)
     pair_fn = potential.pair_fn
     displacement_pairs = jax.vmap(displacement)
@@ -246,8 +297,7 @@ def build_pair_energy(potential: Potential, displacement, types: np.ndarray, ove
         # gradient finite.
         r2 = jnp.where(valid, jnp.sum(dr**2, axis=-1), 1.0)
         r = jnp.sqrt(r2)
-        ti, tj = types[i], types[j]
-        values = {k: t[ti, tj] for k, t in pair_tables(potential, params, overridden, n_species).items()}
+        values = pair_values_at(potential, params, overridden, types, i, j)
         return jnp.sum(jnp.where(valid, pair_fn(r, **values, **settings), 0.0))
 
     return energy_fn

@@ -36,6 +36,7 @@ from mdsens.potentials import (
     POTENTIALS,
     EnergyFn,
     Potential,
+    bounding_tables,
     build_energy,
     build_pair_energy,
     metric_from,
@@ -111,9 +112,11 @@ class System:
         return -jax.grad(self.energy_fn)(x, params)
 
     def pair_values(self, params=None) -> dict[str, jax.Array]:
-        """The (S, S) pair value of every parameter, after mixing and overrides."""
+        """The (S, S) pair value of every parameter, after mixing and overrides; with per-particle
+        offsets in ``params``, the largest value any pair of particles of those species has
+        (see :func:`mdsens.potentials.bounding_tables`)."""
         params = self.params if params is None else params
-        return pair_tables(self.potential, params, self.overridden, len(self.species))
+        return bounding_tables(self.potential, params, self.overridden, len(self.species))
 
     @property
     def zero_modes(self) -> list[str]:
