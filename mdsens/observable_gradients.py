@@ -61,13 +61,23 @@ class ObservableGradient:
     converged: bool
     rattler_dependence: float
 
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should know about this derivative (its dependence on rattlers)."""
+        if self.rattler_dependence == 0:
+            return []
+        return [
+            f"{self.name} depends on the positions of rattlers (|∂q/∂x| = {self.rattler_dependence:.3g}"
+            " on their coordinates), which are not determined: their motion is left out of dq/dθ"
+        ]
+
 
 @dataclass(frozen=True)
 class ObservableResult:
     """Observables and their gradients at one state, and how they were computed.
 
     ``mode`` is ``reverse`` or ``forward``; ``solves`` the linear solves run here; ``reason``
-    says why that mode (the solve count of each).
+    says why that mode, in a sentence (chosen or asked for, and the solve count of each).
     """
 
     observables: dict[str, ObservableGradient]
@@ -148,14 +158,16 @@ def observable_gradients(
     """
     start = time.perf_counter()
     x = jnp.asarray(x, dtype=jnp.float64)
-    dx = {} if dx is None else dx
+    dx = dict(dx or {})  # forward mode adds the solves it runs; the caller's dict is left alone
     per_particle = list(params.get(ATOM, {}))
     forward_solves = sum(name not in dx for name in names) + system.n_particles * len(per_particle)
     chosen = choose_mode(len(observables), forward_solves, mode)
-    reason = (
-        f"{chosen}: {len(observables)} adjoint solve(s) (one per observable) against"
-        f" {forward_solves} forward solve(s) (one per parameter not yet solved)"
+    counts = (
+        f"{len(observables)} adjoint solve(s), one per observable, against {forward_solves} forward"
+        " solve(s), one per parameter whose dx*/dθ is not yet solved"
     )
+    why = "the fewer solves" if mode == "auto" else "as asked"
+    reason = f"{chosen} mode, {why}: {counts}"
     nullspace = system.nullspace(x, params)
     rattler_rows = np.asarray(nullspace.mask, dtype=bool).reshape(x.shape)
     tangents = {name: unit_tangent(system, name, params) for name in names}
@@ -226,4 +238,3 @@ def _require(ok: bool, what: str, info) -> None:
             f"{what} did not converge: relative residual {float(info.residual):.3g} after"
             f" {int(info.iterations)} iterations (try --solver dense, or relax to a smaller fmax)"
         )
-

@@ -196,16 +196,17 @@ def user_observable(system: System, spec: str) -> Observable:
     module docstring); checked here by tracing it once at the system's positions.
 
     Raises:
-        UserError: no such file or function, the file fails to import, or the function raises
-            or does not return one real number when traced.
+        UserError: no such file or function, the file fails to import, or the function raises,
+            does not return one real number, or cannot be differentiated when traced.
     """
     user = _load_user_function(spec)
 
     def fn(x, params):
         return user(x, system, params)
 
+    x = jnp.asarray(system.positions)
     try:
-        shape = jax.eval_shape(fn, jnp.asarray(system.positions), system.params)
+        shape = jax.eval_shape(fn, x, system.params)
     except Exception as error:  # noqa: BLE001 - whatever the user's function raises
         raise UserError(f"observable {spec!r} raised {_one_line(error)}") from None
     if getattr(shape, "shape", None) != () or not jnp.issubdtype(shape.dtype, jnp.floating):
@@ -213,6 +214,10 @@ def user_observable(system: System, spec: str) -> Observable:
             f"observable {spec!r} returns {getattr(shape, 'shape', type(shape))}"
             f" {getattr(shape, 'dtype', '')}: it must return one real number (a scalar array)"
         )
+    try:  # differentiated later: a function JAX cannot differentiate is the user's to fix
+        jax.eval_shape(jax.grad(fn, argnums=(0, 1)), x, system.params)
+    except Exception as error:  # noqa: BLE001 - whatever the user's function raises
+        raise UserError(f"observable {spec!r} cannot be differentiated by JAX: {_one_line(error)}") from None
     return Observable(spec, fn, "user")
 
 
@@ -239,4 +244,6 @@ def parse_observable(system: System, spec: str) -> Observable:
         return (distance if kind == "distance" else gap)(system, i, j)
     if colon and spec.rpartition(":")[0].endswith(".py"):
         return user_observable(system, spec)
+    if spec.endswith(".py"):
+        raise UserError(f"observable {spec!r}: name the function too, {spec}:FUNCTION")
     raise UserError(f"unknown observable {spec!r}; known: {', '.join(BUILT_IN)}")
