@@ -8,6 +8,9 @@ A run directory ``RUN/`` holds
 * ``relaxed.extxyz`` — the relaxed structure for ASE and OVITO;
 * ``sensitivity.npz`` / ``sensitivity.json`` / ``sensitivity.extxyz`` — dx*/dθ per parameter,
   energy sensitivities and diagnostics, and the same vectors as per-atom arrays;
+* ``observables.json`` / ``observables.npz`` — observables q(x*, θ) with their total
+  derivatives dq/dθ (``mdsens sensitivity --observable``), and with per-particle parameters the
+  (N,) gradient by every particle's own value (also a per-atom column of ``sensitivity.extxyz``);
 * ``manifest.json`` — every file mdsens wrote for the run, and the relaxed state they belong to.
 
 Each stage's files are committed as a whole with :func:`mdsens.manifest.write_stage`: a new
@@ -23,6 +26,7 @@ import datetime
 import io
 import json
 import platform
+import re
 import tomllib
 import warnings
 from collections.abc import Callable
@@ -39,6 +43,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from mdsens import atomic
 from mdsens.errors import UserError
 from mdsens.manifest import read_manifest, state_of, write_stage
+from mdsens.observable_gradients import ObservableGradient, ObservableResult
 from mdsens.parameters import parameter_names, parameter_value
 from mdsens.recipe import dump_recipe
 from mdsens.relaxation import RelaxResult
@@ -244,8 +249,107 @@ def _parameter_summary(name: str, entry: ParameterSensitivity) -> dict:
     }
 
 
+# How many particles observables.json names as those whose own value moves an observable most.
+LARGEST_PARTICLES = 5
+
+
+def observable_column(observable: str, key: str) -> str:
+    """The ``sensitivity.extxyz`` column of dq/d(``key``[i]) for observable ``observable``:
+    ``d_pressure_d_diameter``, ``d_distance_3_17_d_diameter`` (letters, digits and ``_`` only)."""
+    return f"d_{_identifier(observable)}_d_{_identifier(key)}"
+
+
+def observable_npz_key(observable: str, key: str) -> str:
+    """The ``observables.npz`` key of dq/d(``key``[i]): ``pressure/diameter``."""
+    return f"{observable}/{key}"
+
+
+def _identifier(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _observable_solver(result: ObservableResult, entry: ObservableGradient, sensitivity: SensitivityResult):
+    """The diagnostics of the solves behind one observable's gradient: its adjoint solve
+    (reverse mode), or the forward solves of the parameters' dx*/dθ (sensitivity.json's, when
+    they were passed in: ``solves`` counts only those run for the observables)."""
+    if result.mode == "reverse":
+        return {
+            "mode": "reverse",
+            "solves": 1,
+            "iterations": entry.iterations,
+            "residual": entry.residual,
+            "converged": entry.converged,
+        }
+    used = [p for name, p in sensitivity.parameters.items() if name in entry.gradient and not p.exactly_zero]
+    return {
+        "mode": "forward",
+        "solves": result.solves,
+        "iterations": sum(p.iterations for p in used),
+        # No solve ran where every dx*/dθ is exactly zero: no residual to report.
+        "residual": max((p.residual for p in used), default=None),
+        "converged": all(p.converged for p in used),
+    }
+
+
+def _per_particle_summary(system: System, name: str, key: str, values: np.ndarray) -> dict:
+    order = np.argsort(-np.abs(values), kind="stable")[:LARGEST_PARTICLES]
+    return {
+        "npz_key": observable_npz_key(name, key),
+        "extxyz_column": observable_column(name, key),
+        "largest": [
+            {"atom": int(i), "species": system.species[system.types[i]], "gradient": float(values[i])}
+            for i in order
+        ],
+        # Σ_i dq/d(key[i]) over a species is dq/d(key.species): the species value moves them all.
+        "species_sums": {
+            f"{key}.{species}": float(np.sum(values[system.types == t]))
+            for t, species in enumerate(system.species)
+        },
+    }
+
+
+def observables_summary(
+    system: System, result: ObservableResult, sensitivity: SensitivityResult, state: str
+) -> dict:
+    """What ``observables.json`` holds (see docs/file-formats.md)."""
+    keys = sorted({key for entry in result.observables.values() for key in entry.per_particle})
+    names = list(next(iter(result.observables.values())).gradient) if result.observables else []
+    return {
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "system": system.name,
+        "state": state,
+        "mode": result.mode,
+        "reason": result.reason,
+        "solves": result.solves,
+        "wall_time": result.wall_time,
+        "parameters": names,
+        "per_particle": keys,
+        "observables": {
+            name: {
+                "value": entry.value,
+                "units": entry.units,
+                "gradient": entry.gradient,
+                "explicit": entry.explicit,
+                "solver": _observable_solver(result, entry, sensitivity),
+                "rattler_dependence": entry.rattler_dependence,
+                "warnings": entry.warnings,
+                "per_particle": {
+                    key: _per_particle_summary(system, name, key, np.asarray(values))
+                    for key, values in entry.per_particle.items()
+                },
+            }
+            for name, entry in result.observables.items()
+        },
+        "versions": versions(),
+    }
+
+
 def save_sensitivity(
-    run_dir: str | Path, system: System, result: SensitivityResult, relaxed: RelaxResult | None = None
+    run_dir: str | Path,
+    system: System,
+    result: SensitivityResult,
+    relaxed: RelaxResult | None = None,
+    observables: ObservableResult | None = None,
 ) -> list[Path]:
     """Write ``sensitivity.npz``, ``sensitivity.json`` and ``sensitivity.extxyz`` into ``run_dir``
     (a run of :func:`save_relaxation`), replacing the earlier ones and the figures; return their
@@ -255,8 +359,14 @@ def save_sensitivity(
     the run still holds that state (it may have been relaxed again meanwhile). Without it the
     run's own positions are taken to be that state.
 
+    ``observables`` (computed at the same state) adds ``observables.json``, and where it holds
+    per-particle gradients ``observables.npz`` and one ``sensitivity.extxyz`` column each
+    (:func:`observable_column`). Written in the same commit: a later ``mdsens sensitivity``
+    without observables removes them.
+
     Raises:
-        UserError: the run holds another state (or ``system`` is not the run's system).
+        UserError: the run holds another state (or ``system`` is not the run's system), or two
+            observables' per-particle gradients would share one column name.
     """
     run = run_directory(run_dir)
     with run_lock(run, "sensitivity"):
@@ -270,6 +380,9 @@ def save_sensitivity(
             atoms.new_array(_property_name(name), _vectors3(entry.dx))
             atoms.info[_energy_key(name)] = entry.denergy
         atoms.new_array("rattler", result.rattlers.astype(bool))
+        per_atom = {} if observables is None else _per_atom_gradients(observables)
+        for column, values in per_atom.values():
+            atoms.new_array(column, values)
         spectrum = None
         if result.spectrum is not None:
             spectrum = {
@@ -295,8 +408,34 @@ def save_sensitivity(
             "sensitivity.json": (json.dumps(summary, indent=2) + "\n").encode(),
             "sensitivity.extxyz": _extxyz_bytes(atoms),
         }
+        if observables is not None:
+            text = json.dumps(observables_summary(system, observables, result, state), indent=2) + "\n"
+            contents["observables.json"] = text.encode()
+            if per_atom:
+                contents["observables.npz"] = _npz_bytes({k: v for k, (_, v) in per_atom.items()})
         files = [(name, _bytes_writer(data)) for name, data in contents.items()]
         return write_stage(run, "sensitivity", None if manifest is None else state, files)
+
+
+def _per_atom_gradients(observables: ObservableResult) -> dict[str, tuple[str, np.ndarray]]:
+    """npz key → (extxyz column, (N,) dq/d(key[i])) of every per-particle gradient.
+
+    Raises:
+        UserError: two of them would share a column name (observables named alike).
+    """
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    columns: dict[str, str] = {}
+    for name, entry in observables.observables.items():
+        for key, values in entry.per_particle.items():
+            column = observable_column(name, key)
+            if column in columns:
+                raise UserError(
+                    f"observables {columns[column]!r} and {name!r} would share the sensitivity.extxyz"
+                    f" column {column}: compute them in separate runs"
+                )
+            columns[column] = name
+            out[observable_npz_key(name, key)] = (column, np.asarray(values, dtype=np.float64))
+    return out
 
 
 def save_check(run_dir: str | Path, system: System, relaxed: RelaxResult, report: dict) -> Path:

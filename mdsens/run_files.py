@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ase
@@ -27,6 +27,7 @@ from mdsens.structures import species_of
 
 RELAX_FILES = ("system.toml", "relaxed.npz", "relaxed.extxyz")
 SENSITIVITY_FILES = ("sensitivity.npz", "sensitivity.json", "sensitivity.extxyz")
+OBSERVABLE_FILES = ("observables.json", "observables.npz")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,17 @@ class Structure:
     species: tuple[str, ...]  # species names; ``types`` indexes this tuple
     diameters: np.ndarray | None  # (N,) for soft spheres; None for potentials without a size
     defect: object  # atoms.info["defect_position"] as ASE reads it back; None if absent
+
+
+@dataclass(frozen=True)
+class PerAtomGradient:
+    """One observable's derivative by every particle's own value of a parameter, as
+    ``observables.npz`` holds it: ``values[i]`` = dq/d(``parameter``[i])."""
+
+    observable: str  # its name: pressure, distance:3,17, file.py:function
+    parameter: str  # the per-species parameter made per-particle: diameter
+    units: str  # the observable's units, in words (energy / length^2); the derivative's are per θ
+    values: np.ndarray  # (N,)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,9 @@ class RunFiles:
     rattlers: np.ndarray | None  # (N,) bool from sensitivity.json; None where it does not say
     recipe: dict | None  # system.toml; None for a run without one (made by hand)
     state: str | None  # the manifest's state; None for a run without a manifest (not checked)
+    # Observable name -> its observables.json entry (value, units, gradient, ...); empty without it.
+    observables: dict[str, dict] = field(default_factory=dict)
+    per_atom: list[PerAtomGradient] = field(default_factory=list)  # from observables.npz
 
 
 def run_directory(run_dir: str | os.PathLike) -> Path:
@@ -93,25 +108,33 @@ def open_run(run_dir: str | os.PathLike) -> tuple[Path, Manifest | None]:
 def _rewrite_hint(run: Path, name: str) -> str:
     if name in SENSITIVITY_FILES:
         return f"run `mdsens sensitivity --run {run}` again"
+    if name in OBSERVABLE_FILES:
+        return f"run `mdsens sensitivity --observable NAME --run {run}` again"
     return f"run `mdsens relax --system {run}/system.toml --out {run}` again"
 
 
 def verify_run(
-    run: Path, manifest: Manifest | None, recipe: dict | None, positions: np.ndarray, summary: dict | None
+    run: Path,
+    manifest: Manifest | None,
+    recipe: dict | None,
+    positions: np.ndarray,
+    summary: dict | None,
+    observables: dict | None = None,
 ) -> str | None:
     """Check that the files a reader uses belong together; return the run's state.
 
-    With a manifest: the relaxation files and the sensitivity files it lists must be the bytes
-    mdsens wrote, and ``system.toml`` with ``relaxed.npz`` must hash to its state. Without one
-    (a run made by hand or by an older mdsens) only the state that ``sensitivity.json`` records,
-    if any, is compared with the relaxed state; None is returned.
+    With a manifest: the relaxation files and the sensitivity and observable files it lists must
+    be the bytes mdsens wrote, and ``system.toml`` with ``relaxed.npz`` must hash to its state.
+    Without one (a run made by hand or by an older mdsens) only the states that
+    ``sensitivity.json`` and ``observables.json`` (``summary``, ``observables``) record, if any,
+    are compared with the relaxed state; None is returned.
 
     Raises:
         UserError: the files disagree; the message says which command rewrites them.
     """
     actual = None if recipe is None else state_of(recipe, positions)
     if manifest is not None:
-        for name in (*RELAX_FILES, *SENSITIVITY_FILES):
+        for name in (*RELAX_FILES, *SENSITIVITY_FILES, *OBSERVABLE_FILES):
             entry = manifest.files.get(name)
             if entry is None:
                 if name in RELAX_FILES:
@@ -129,12 +152,13 @@ def verify_run(
                 f"{run}: system.toml and relaxed.npz are not the state its manifest records: "
                 f"{_rewrite_hint(run, 'relaxed.npz')}"
             )
-    recorded = summary.get("state") if isinstance(summary, dict) else None
-    if recorded is not None and actual is not None and recorded != actual:
-        raise UserError(
-            f"{run}/sensitivity.json was computed from another relaxed state than relaxed.npz "
-            f"holds: {_rewrite_hint(run, 'sensitivity.json')}"
-        )
+    for name, record in (("sensitivity.json", summary), ("observables.json", observables)):
+        recorded = record.get("state") if isinstance(record, dict) else None
+        if recorded is not None and actual is not None and recorded != actual:
+            raise UserError(
+                f"{run}/{name} was computed from another relaxed state than relaxed.npz "
+                f"holds: {_rewrite_hint(run, name)}"
+            )
     return None if manifest is None else manifest.state
 
 
@@ -236,6 +260,53 @@ def read_summary(run: Path) -> dict | None:
     return summary if isinstance(summary, dict) else None
 
 
+def read_observables_summary(run: Path) -> dict | None:
+    """``observables.json`` as a dict; None if the run has none."""
+    path = run / "observables.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (*READ_ERRORS, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("observables"), dict):
+        raise UserError(f"{path} has no table of observables: {_rewrite_hint(run, 'observables.json')}")
+    return summary
+
+
+def read_per_atom(run: Path, summary: dict, n: int) -> list[PerAtomGradient]:
+    """The per-particle gradients that ``observables.json`` lists, from ``observables.npz``.
+
+    Raises:
+        UserError: the file is missing or unreadable, or an array is missing, not (n,) or not
+            finite.
+    """
+    wanted = []
+    for name, entry in summary["observables"].items():
+        tables = entry.get("per_particle") if isinstance(entry, dict) else None
+        for key, table in (tables or {}).items():
+            if not isinstance(table, dict) or not isinstance(table.get("npz_key"), str):
+                raise UserError(f"{run}/observables.json: {name} per_particle {key} names no npz_key")
+            wanted.append((name, key, str(entry.get("units", "")), table["npz_key"]))
+    if not wanted:
+        return []
+    path = run / "observables.npz"
+    try:
+        with np.load(path) as data:
+            arrays = {npz_key: np.asarray(data[npz_key], dtype=np.float64) for *_, npz_key in wanted}
+    except KeyError as error:
+        raise UserError(f"{path} has no array {error}: {_rewrite_hint(run, 'observables.npz')}") from None
+    except READ_ERRORS as error:
+        raise UserError(f"cannot read {path}: {type(error).__name__} {error}") from None
+    out = []
+    for name, key, units, npz_key in wanted:
+        values = arrays[npz_key]
+        if values.shape != (n,) or not np.all(np.isfinite(values)):
+            raise UserError(f"{path}: array {npz_key!r} is not {n} finite numbers (one per particle)")
+        out.append(PerAtomGradient(name, key, units, values))
+    return out
+
+
 def _entries(summary: dict | None) -> dict[str, dict]:
     params = summary.get("parameters") if summary is not None else None
     if not isinstance(params, dict):
@@ -267,14 +338,16 @@ def _rattlers(summary: dict | None, n: int) -> np.ndarray | None:
 
 def read_run(run_dir: str | os.PathLike) -> RunFiles:
     """Everything the figures draw: ``relaxed.npz`` and ``relaxed.extxyz`` (required), and
-    ``sensitivity.npz`` and ``sensitivity.json`` where present, checked with :func:`verify_run`."""
+    ``sensitivity.npz``, ``sensitivity.json``, ``observables.json`` and ``observables.npz``
+    where present, checked with :func:`verify_run`."""
     run, manifest = open_run(run_dir)
     positions, _ = read_relaxed(run)
     structure = read_structure(run, len(positions))
     sensitivities = read_sensitivities(run, positions.shape) if listed(manifest, "sensitivity.npz") else {}
     summary = read_summary(run) if listed(manifest, "sensitivity.json") else None
+    observables = read_observables_summary(run) if listed(manifest, "observables.json") else None
     recipe = read_recipe(run) if manifest is not None or (run / "system.toml").is_file() else None
-    state = verify_run(run, manifest, recipe, positions, summary)
+    state = verify_run(run, manifest, recipe, positions, summary, observables)
     return RunFiles(
         path=run,
         positions=positions,
@@ -285,4 +358,6 @@ def read_run(run_dir: str | os.PathLike) -> RunFiles:
         rattlers=_rattlers(summary, len(positions)),
         recipe=recipe,
         state=state,
+        observables={} if observables is None else dict(observables["observables"]),
+        per_atom=[] if observables is None else read_per_atom(run, observables, len(positions)),
     )
