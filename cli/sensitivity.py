@@ -1,4 +1,5 @@
-"""``mdsens sensitivity``: dx*/dθ and dE*/dθ of a relaxed run, printed and written beside it."""
+"""``mdsens sensitivity``: dx*/dθ and dE*/dθ of a relaxed run, and dq/dθ of observables q, printed
+and written beside it."""
 
 from __future__ import annotations
 
@@ -25,6 +26,39 @@ Params = param_option(
 AllowUnconverged = allow_unconverged_option(
     "Compute even if the stored state is not relaxed to fmax (the result is marked)."
 )
+Observables = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--observable",
+        "-q",
+        metavar="NAME",
+        help="Observable q(x*, θ) whose total derivative dq/dθ to every selected parameter is "
+        "written to RUN/observables.json; repeatable. `energy`, `pressure`, `stress:xy` (periodic "
+        "cells), `distance:I,J`, `gap:I,J` (0-based atom indices), or `FILE.py:FUNCTION` with "
+        "FUNCTION(positions, system, params) -> scalar, a JAX function (docs/file-formats.md).",
+        show_default=False,
+    ),
+]
+PerParticle = Annotated[
+    bool,
+    typer.Option(
+        "--per-particle",
+        help="Make each particle's own value of the selected per-species parameters (`diameter`) "
+        "a parameter of its own, and write each observable's gradient by all N of them "
+        "(RUN/observables.npz and a column of RUN/sensitivity.extxyz): one adjoint solve per "
+        "observable. Needs --observable.",
+    ),
+]
+Mode = Annotated[
+    str,
+    typer.Option(
+        "--mode",
+        metavar="auto|forward|reverse",
+        help="How observables are differentiated: `reverse` (one adjoint solve per observable), "
+        "`forward` (from dx*/dθ: one solve per parameter, none beyond those this command runs "
+        "anyway), or `auto`, the fewer solves.",
+    ),
+]
 
 
 def sensitivity(
@@ -40,6 +74,9 @@ def sensitivity(
         ),
     ] = None,
     allow_unconverged: AllowUnconverged = False,
+    observable: Observables = None,
+    per_particle: PerParticle = False,
+    mode: Mode = "auto",
     spectrum: Annotated[
         bool | None,
         typer.Option(
@@ -54,7 +91,9 @@ def sensitivity(
     """Compute dx*/dθ (implicit differentiation) and dE*/dθ (envelope theorem) of a relaxed run.
 
     Writes RUN/sensitivity.npz (one (N, d) array per parameter), RUN/sensitivity.json (energy
-    sensitivities, solver diagnostics, timings, versions) and RUN/sensitivity.extxyz.
+    sensitivities, solver diagnostics, timings, versions) and RUN/sensitivity.extxyz; with
+    --observable, RUN/observables.json (each observable's value and total derivative
+    dq/dθ = ∂q/∂θ + ∂q/∂x · dx*/dθ) and, with --per-particle, RUN/observables.npz.
     """
 
     def action():
@@ -68,6 +107,7 @@ def sensitivity(
         out.print(str(run_dir), markup=False)
 
     def _compute_and_save(run_dir, note):
+        from mdsens.observable_gradients import MODES
         from mdsens.parameters import expand_parameters, parameter_names
         from mdsens.run import load_run, save_sensitivity
         from mdsens.sensitivity import Sensitivity
@@ -76,6 +116,16 @@ def sensitivity(
         names = expand_parameters(system, param or parameter_names(system))
         if solver is not None and solver not in ("cg", "dense"):
             raise UserError(f"unknown solver {solver!r}; known: cg, dense")
+        if mode not in MODES:
+            raise UserError(f"unknown --mode {mode!r}; known: {', '.join(MODES)}")
+        if per_particle and not observable:
+            raise UserError(
+                f"--per-particle needs an --observable: dx*/dθ for each particle's own value would take"
+                f" {system.n_particles} forward solves per parameter, while the gradient of an observable"
+                " by all of them takes one adjoint solve"
+            )
+        # Every observable is checked (and a user's file loaded) before anything is computed.
+        observables = _parse_observables(system, observable or [])
         if not relaxed.converged and not allow_unconverged:
             raise UserError(
                 f"{run_dir} holds an unconverged relaxation (max|F| {relaxed.max_force:.3g}); "
@@ -108,9 +158,70 @@ def sensitivity(
             )
         for warning in result.warnings:
             err.print(f"[bold yellow]Warning:[/] {escape(warning)}")
-        save_sensitivity(run_dir, system, result, relaxed=relaxed)
+        gradients = None
+        if observables:
+            gradients = _observable_gradients(system, relaxed, result, observables, names)
+        save_sensitivity(run_dir, system, result, relaxed=relaxed, observables=gradients)
+
+    def _observable_gradients(system, relaxed, result, observables, names):
+        from mdsens.observable_gradients import observable_gradients
+        from mdsens.parameters import per_particle_keys, with_per_particle
+
+        params = system.params
+        if per_particle:
+            params = with_per_particle(system, params, per_particle_keys(system, names))
+        dx = {name: entry.dx for name, entry in result.parameters.items()}
+        with err.status("differentiating the observables"):
+            gradients = observable_gradients(
+                system.for_params(params, relaxed.positions),
+                relaxed.positions,
+                params,
+                observables,
+                names,
+                dx=dx,
+                solver=solver,
+                mode=mode,
+            )
+        _print_observables(system, gradients)
+        return gradients
 
     guarded(action)
+
+
+def _parse_observables(system, specs: list[str]) -> list:
+    """The observables named, each once, in order."""
+    from mdsens.observables import parse_observable
+
+    out = {}
+    for spec in specs:
+        parsed = parse_observable(system, spec)
+        out.setdefault(parsed.name, parsed)
+    return list(out.values())
+
+
+def _print_observables(system, gradients) -> None:
+    """Each observable's value and dq/dθ, how they were computed, and the particles whose own
+    value moves it most."""
+    import numpy as np
+
+    from mdsens.run import LARGEST_PARTICLES
+
+    out.print(
+        f"Observables by {escape(gradients.reason)} ({gradients.solves} new solve(s),"
+        f" {gradients.wall_time:.2f} s)"
+    )
+    for name, entry in gradients.observables.items():
+        out.print(f"  {escape(name)} = {entry.value:.10g} ({escape(entry.units)})")
+        for parameter, value in entry.gradient.items():
+            explicit = entry.explicit[parameter]
+            label = f"dq/d({parameter})"
+            out.print(f"    {escape(label):<20} = {value:+.10e}  (explicit ∂q/∂θ {explicit:+.4e})")
+        for key, values in entry.per_particle.items():
+            order = np.argsort(-np.abs(values), kind="stable")[:LARGEST_PARTICLES]
+            largest = ", ".join(f"i={i} ({system.species[system.types[i]]}) {values[i]:+.3e}" for i in order)
+            out.print(f"    dq/d({escape(key)}[i]), largest: {largest}")
+        for warning in entry.warnings:
+            err.print(f"[bold yellow]Warning:[/] {escape(warning)}")
 
 
 def _describe(entry) -> str:
