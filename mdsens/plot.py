@@ -9,7 +9,11 @@
   parameter;
 * ``sensitivity-distance.png``: |dx*/dθ| of each atom against its distance from a center (an
   atom, a point, the run's defect, or a vacancy found in a crystal), one panel per parameter;
-  not drawn where there is no such center (see :mod:`mdsens.plot_centers`).
+  not drawn where there is no such center (see :mod:`mdsens.plot_centers`);
+* ``observable-<q>-<param>.png`` per per-particle gradient in ``observables.npz``
+  (``mdsens sensitivity --observable q --per-particle``): the structure with each particle
+  coloured by dq/d(param[i]), the observable's derivative by that particle's own value, on a
+  diverging scale centred at 0 (red: a larger value raises q; blue: lowers it).
 
 Each figure is made by a function that returns it (:func:`configuration_figure`, and
 :func:`~mdsens.plot_panels.histogram_figure`, :func:`~mdsens.plot_panels.distance_figure`);
@@ -31,7 +35,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
 from matplotlib.collections import EllipseCollection, LineCollection
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -49,11 +56,15 @@ from mdsens.plot_panels import (
     species_colors,
     wrap,
 )
-from mdsens.run_files import read_run
+from mdsens.plot_units import ENERGY_PARAMETERS, LENGTH_PARAMETERS, Units
+from mdsens.run_files import PerAtomGradient, read_run
 
 __all__ = ["configuration_figure", "distance_figure", "histogram_figure", "plot_run", "run_figures"]
 
 DPI = 150
+# Diverging, white at 0: the sign of a per-particle gradient is the point of its figure.
+GRADIENT_CMAP = "RdBu_r"
+SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
 def _file_safe(name: str) -> str:
@@ -87,15 +98,75 @@ def _arrow_lines(
     return [f"{arrow} {gain:.3g} × dx*/dθ", largest], gain
 
 
+def _dimensions(units: str) -> dict[str, int] | None:
+    """Powers of energy and length in an observable's units as mdsens writes them
+    (``energy / length^2``, ``length``); None for others (a user observable's)."""
+    numerator, *denominators = (part.split() for part in units.split("/"))
+    powers = {"energy": 0, "length": 0}
+    for sign, terms in [(1, numerator)] + [(-1, terms) for terms in denominators]:
+        for term in terms:
+            name, _, power = term.partition("^")
+            if name not in powers or not (power or "1").isdigit():
+                return None
+            powers[name] += sign * int(power or 1)
+    return powers
+
+
+def gradient_units(units: Units, observable: PerAtomGradient) -> str:
+    """The units of dq/d(param[i]): the observable's over the parameter's, in the run's symbols
+    (``ε / d_A³``) where known, else in words."""
+    powers = _dimensions(observable.units)
+    over = "length" if observable.parameter in LENGTH_PARAMETERS else None
+    over = "energy" if observable.parameter in ENERGY_PARAMETERS else over
+    if powers is None or over is None:
+        return f"units of {observable.observable} per unit of {observable.parameter}"
+    powers[over] -= 1
+    symbols = {"energy": units.energy or "energy", "length": units.length or "length"}
+
+    def power(name: str, p: int) -> str:
+        return symbols[name] + ("" if abs(p) == 1 else str(abs(p)).translate(SUPERSCRIPTS))
+
+    up = [power(name, p) for name, p in powers.items() if p > 0]
+    down = [power(name, p) for name, p in powers.items() if p < 0]
+    if not up and not down:
+        return "dimensionless"
+    return " / ".join([" ".join(up) or "1", *down])
+
+
+def _colours(run: RunGeometry, gradient: PerAtomGradient, index: np.ndarray) -> tuple[np.ndarray, Normalize]:
+    """Each shown atom's colour for ``gradient`` and the scale: symmetric about 0, to the largest
+    |value| shown (a figure of zeros is all white)."""
+    values = gradient.values[index]
+    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    norm = Normalize(-largest, largest) if largest > 0 else Normalize(-1.0, 1.0)
+    return colormaps[GRADIENT_CMAP](norm(values)), norm
+
+
+def _gradient_lines(run: RunGeometry, gradient: PerAtomGradient) -> tuple[str, list[str]]:
+    """The title of a per-particle gradient figure and what it says below the title."""
+    q, p = gradient.observable, gradient.parameter
+    title = f"d({q})/d({p}[i]): the derivative of {q} by each particle's own {p}"
+    summed = ", ".join(
+        f"{run.species[t]} {gradient.values[run.types == t].sum():+.4g}" for t in np.unique(run.types)
+    )
+    lines = [
+        f"red: a larger {p}[i] raises {q}; blue: lowers it; white: no effect",
+        f"sum over each species = d({q})/d({p} of that species): {summed}",
+    ]
+    return title, lines
+
+
 def configuration_figure(
     run: RunGeometry,
     view: View,
     center: Center | None,
     param: str | None = None,
     vectors: np.ndarray | None = None,
+    gradient: PerAtomGradient | None = None,
 ) -> Figure:
     """The atoms of ``view`` in the cell, with ``vectors`` (N, d), dx*/dθ for ``param``, as arrows
-    if given and drawable; ``center`` is marked where it has a label."""
+    if given and drawable, or coloured by a per-particle ``gradient`` of an observable (with a
+    colour bar instead of the species legend); ``center`` is marked where it has a label."""
     index = np.flatnonzero(view.shown)
     xy = run.wrapped_xy(run.positions3[index])
     sizes = view.sizes[index]
@@ -120,7 +191,11 @@ def configuration_figure(
     if has_outline and not run.orthorhombic and run.pbc.any():
         lines.append("non-orthogonal cell: outline projected, no periodic images drawn")
     gain = None
-    if vectors is None:
+    if gradient is not None:
+        title, said = _gradient_lines(run, gradient)
+        lines += said
+        facecolors, norm = _colours(run, gradient, index)
+    elif vectors is None:
         title = f"relaxed configuration, N = {len(run.positions)}"
     else:
         arrows = vectors[index, :2]
@@ -167,6 +242,8 @@ def configuration_figure(
     ):
         if not mask.any():
             continue
+        if gradient is not None:
+            style.setdefault("facecolors", facecolors[owners][mask])
         style.setdefault("facecolors", [colors[t] for t in run.types[index][owners][mask]])
         discs = EllipseCollection(
             sizes[owners][mask],
@@ -196,9 +273,11 @@ def configuration_figure(
         if outline is not None:
             # An arrow ends where the cell does; what lies beyond is the same cell again.
             quiver.set_clip_path(MplPath(np.vstack([outline, outline[:1]]), closed=True), ax.transData)
+    # Colour means species, except where it means a gradient.
     handles = [
         Patch(facecolor=colors[t], edgecolor="black", alpha=alpha, label=run.species[t])
         for t in np.unique(run.types[index])
+        if gradient is None
     ]
     if run.rattlers[index].any():
         handles.append(rattler_handle(int(run.rattlers[index].sum())))
@@ -224,8 +303,17 @@ def configuration_figure(
     length = run.units.length_label()
     ax.set_xlabel(f"x ({length})")
     ax.set_ylabel(f"y ({length})")
-    # Beside the axes, where it covers no atom.
-    ax.legend(handles=handles, title="species", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if gradient is not None:
+        # Below the axes: the legend (rattlers, center) stands beside them.
+        bar = fig.colorbar(
+            ScalarMappable(norm=norm, cmap=GRADIENT_CMAP), ax=ax, location="bottom", shrink=0.8, aspect=40
+        )
+        label = f"d({gradient.observable})/d({gradient.parameter}[i])"
+        bar.set_label(f"{label} ({gradient_units(run.units, gradient)})")
+    if handles:
+        # Beside the axes, where it covers no atom.
+        title = "species" if gradient is None else None
+        ax.legend(handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -263,8 +351,9 @@ def plot_run(
         Paths of the files written: ``sensitivity-<param>.png`` per parameter (characters
         other than letters, digits, ".", "_" and "-" replaced by "_") followed by
         ``sensitivity-histogram.png`` and, where there is a center, ``sensitivity-distance.png``;
-        or ``configuration.png`` alone when nothing is drawn. Existing files of the same names
-        are replaced atomically.
+        or ``configuration.png`` when there is no sensitivity to draw; then
+        ``observable-<q>-<param>.png`` for every per-particle gradient in ``observables.npz``
+        (whatever ``params`` says). Existing files of the same names are replaced atomically.
 
     Raises:
         UserError: A required file is missing or malformed, a name in ``params`` is not in
@@ -299,10 +388,13 @@ def run_figures(
     """The figures :func:`plot_run` writes, by file name, drawn one at a time."""
     if not params:
         yield "configuration.png", configuration_figure(run, view, center)
-        return
-    for param in params:
-        name = f"sensitivity-{_file_safe(param)}.png"
-        yield name, configuration_figure(run, view, center, param, run.sensitivities[param])
-    yield "sensitivity-histogram.png", histogram_figure(run, params)
-    if center is not None:
-        yield "sensitivity-distance.png", distance_figure(run, params, center)
+    else:
+        for param in params:
+            name = f"sensitivity-{_file_safe(param)}.png"
+            yield name, configuration_figure(run, view, center, param, run.sensitivities[param])
+        yield "sensitivity-histogram.png", histogram_figure(run, params)
+        if center is not None:
+            yield "sensitivity-distance.png", distance_figure(run, params, center)
+    for gradient in run.per_atom:
+        name = f"observable-{_file_safe(gradient.observable)}-{_file_safe(gradient.parameter)}.png"
+        yield name, configuration_figure(run, view, center, gradient=gradient)

@@ -79,7 +79,7 @@ def find_rattlers(files: RunFiles, facts: dict[str, ParameterFacts]) -> np.ndarr
 
 class RunGeometry:
     """A run's atoms as the figures place them: 3-D positions, cell, sizes, species, rattlers,
-    sensitivities and their facts, units."""
+    sensitivities and their facts, per-particle gradients of observables, units."""
 
     def __init__(self, files: RunFiles) -> None:
         structure = files.structure
@@ -109,6 +109,7 @@ class RunGeometry:
         self.facts = {name: parameter_facts(files, name, dx) for name, dx in files.sensitivities.items()}
         self.rattlers = find_rattlers(files, self.facts)
         self.units = units_of(files.recipe)
+        self.per_atom = files.per_atom  # per-particle gradients of observables, from observables.npz
 
     @property
     def periodic(self) -> bool:
