@@ -32,6 +32,7 @@ from mdsens.jaxmd import space
 from mdsens.list_coverage import check_minimum_image, listed_energy
 from mdsens.neighbors import PairList, build_pair_list, use_pair_list
 from mdsens.potentials import (
+    ATOM,
     PAIR,
     POTENTIALS,
     EnergyFn,
@@ -40,7 +41,6 @@ from mdsens.potentials import (
     build_energy,
     build_pair_energy,
     metric_from,
-    pair_tables,
 )
 from mdsens.recipe import Recipe, apply_overrides, load_recipe, resolve
 from mdsens.structures import generate, geometry, read_structure, species_of
@@ -175,7 +175,12 @@ def _space(kind: str, cell: np.ndarray):
 def _parameters(
     recipe: Recipe, potential: Potential, species: tuple[str, ...], types: np.ndarray, atoms: ase.Atoms
 ):
-    """The parameter pytree θ and the pair-override masks, with every value accounted for."""
+    """The parameter pytree θ and the pair-override masks, with every value accounted for.
+
+    A structure file's per-atom ``diameter`` array gives the diameters the recipe does not set:
+    one per species where they agree, and otherwise the species' mean plus a per-particle offset
+    for each atom (θ["atom"]["diameter"], see :mod:`mdsens.potentials`): a polydisperse system.
+    """
     n_species = len(species)
     table = recipe["species"]
     unknown = sorted(set(table) - set(species))
@@ -185,13 +190,18 @@ def _parameters(
         )
     params: dict[str, Any] = {PAIR: {}}
     overridden = {}
+    offsets = None
     for name, spec in potential.parameters.items():
         if spec.level == "species":
             values = []
             for t, s in enumerate(species):
                 value = table.get(s, {}).get(name, recipe["potential"].get(name))
                 if value is None and name == "diameter" and "diameter" in atoms.arrays:
-                    value = _file_diameter(atoms, types == t, s)
+                    members = types == t
+                    value, deviations = _file_diameters(atoms, members, s)
+                    if np.any(deviations != 0):
+                        offsets = np.zeros(len(types)) if offsets is None else offsets
+                        offsets[members] = deviations
                 if value is None:
                     raise UserError(
                         f"species {s} has no {name}: set it with --set species.{s}.{name}=VALUE "
@@ -214,30 +224,28 @@ def _parameters(
                 params[PAIR][name][u, v] = value
                 overridden[name][u, v] = True
     params[PAIR] = {k: jnp.asarray(v) for k, v in params[PAIR].items()}
+    if offsets is not None:
+        params[ATOM] = {"diameter": jnp.asarray(offsets, dtype=jnp.float64)}
     return params, overridden
 
 
-def _file_diameter(atoms: ase.Atoms, members: np.ndarray, species: str) -> float:
-    """The one diameter that a structure file's per-atom ``diameter`` array (mdsens's own files
-    have one) gives every atom of ``species``; diameters that vary within a species are refused,
-    not replaced by one of them: parameters are per species."""
+def _file_diameters(atoms: ase.Atoms, members: np.ndarray, species: str) -> tuple[float, np.ndarray]:
+    """The diameter of ``species`` from a structure file's per-atom ``diameter`` array (mdsens's
+    own files have one), and each member atom's deviation from it: the species' mean diameter and
+    zeros where all agree, per-particle offsets where they vary."""
     values = np.asarray(atoms.arrays["diameter"])[members]
     if not np.issubdtype(values.dtype, np.number):
         raise UserError(f"the structure's per-atom 'diameter' array holds {values.dtype}, not numbers")
-    if np.any(values != values[0]):
-        raise UserError(
-            f"the structure's per-atom diameters of species {species} vary ({values.min():.6g} to"
-            f" {values.max():.6g}), but mdsens uses one diameter per species: give each diameter a"
-            f" species of its own (a per-atom 'type' array or chemical symbol), or set one with"
-            f" --set species.{species}.diameter=VALUE"
-        )
-    value = float(values[0])
-    if not check.SMALLEST <= value <= check.LARGEST:  # NaN fails too
-        raise UserError(
-            f"the structure's per-atom diameter of species {species} is {value!r}: a diameter must be"
-            f" a number in [{check.SMALLEST:g}, {check.LARGEST:g}]"
-        )
-    return value
+    for value in (values.min(), values.max()):
+        if not check.SMALLEST <= value <= check.LARGEST:  # NaN fails too
+            raise UserError(
+                f"a per-atom diameter of species {species} in the structure is {float(value)!r}: a"
+                f" diameter must be a number in [{check.SMALLEST:g}, {check.LARGEST:g}]"
+            )
+    if np.all(values == values[0]):
+        return float(values[0]), np.zeros(values.shape)
+    mean = float(np.mean(values))
+    return mean, values.astype(np.float64) - mean
 
 
 def build_system(recipe: Recipe) -> System:
@@ -260,7 +268,7 @@ def build_system(recipe: Recipe) -> System:
         positions = positions + rng.normal(scale=recipe["rattle"], size=positions.shape)
     displacement, shift = _space(kind, cell)
     settings = {k: recipe["potential"][k] for k in potential.settings}
-    reach = float(potential.reach(pair_tables(potential, params, overridden, len(species)), settings))
+    reach = float(potential.reach(bounding_tables(potential, params, overridden, len(species)), settings))
     check_minimum_image(kind, cell, reach)
     neighbors = recipe["neighbors"]
     pair_list, pair_energy_fn = None, None

@@ -6,7 +6,7 @@
 * A property-style sweep: values of the wrong kind (strings, NaN, ±inf, negatives, zero, huge
   integers, lists, booleans, tables), drawn by a seeded generator from pools that are wrong for
   the field, fed to every recipe field through ``mdsens relax --set``.
-* Per-atom diameters of a structure file that vary within a species are refused.
+* Per-atom diameters of a structure file that vary within a species become per-particle values.
 * A periodic cell so large that its cell list would not fit in memory falls back to all pairs
   (or is refused with ``neighbors.mode = always``); all pairs of too many particles are refused.
 * The resolved description stays true after overrides; building and using a system writes
@@ -334,15 +334,31 @@ def _disks(diameters, symbols) -> ase.Atoms:
     return atoms
 
 
-def test_diameters_that_vary_within_a_species_are_refused(tmp_path):
+def test_diameters_that_vary_within_a_species_become_per_particle_values(tmp_path):
+    diameters = np.array([0.80, 0.95, 1.19, 1.05])
     path = tmp_path / "polydisperse.extxyz"
-    ase.io.write(path, _disks([0.80, 0.95, 1.19, 1.05], "X4"))
-    with pytest.raises(UserError, match="one diameter per species") as caught:
-        load_system(structure=path, potential="soft_sphere")
-    assert "species.X.diameter" in str(caught.value) and "0.8 to 1.19" in str(caught.value)
+    ase.io.write(path, _disks(diameters, "X4"))
+    system = load_system(structure=path, potential="soft_sphere")
+    mean = float(np.asarray(system.params["diameter"])[0])
+    assert mean == pytest.approx(diameters.mean(), rel=1e-15)
+    own = mean + np.asarray(system.params["atom"]["diameter"])
+    np.testing.assert_allclose(own, diameters, rtol=1e-15)
+    # The energy is the sum over pairs with each particle's own diameter (arithmetic mixing),
+    # computed here by hand at positions where neighbours overlap.
+    x = np.array(system.positions)
+    x[:, 0] *= 0.7
+    expected = 0.0
+    for i in range(4):
+        for j in range(i + 1, 4):
+            dx = x[i] - x[j]
+            dx -= system.box * np.round(dx / system.box)
+            sigma = (diameters[i] + diameters[j]) / 2
+            r = np.linalg.norm(dx)
+            expected += 0.5 * max(1 - r / sigma, 0.0) ** 2
+    assert float(system.energy_fn(jnp.asarray(x), system.params)) == pytest.approx(expected, rel=1e-12)
     # Set explicitly, one diameter for the species is the user's choice.
     system = load_system(structure=path, potential="soft_sphere", overrides=["species.X.diameter=1.0"])
-    assert np.asarray(system.params["diameter"]).tolist() == [1.0]
+    assert np.asarray(system.params["diameter"]).tolist() == [1.0] and "atom" not in system.params
 
 
 def test_one_diameter_per_species_is_read_from_the_file(tmp_path):
