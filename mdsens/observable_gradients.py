@@ -122,9 +122,17 @@ def _value_and_grads(observable: Observable, x, params):
     return jax.value_and_grad(observable.fn, argnums=(0, 1))(x, params)
 
 
+def _rattler_rows(system: System, x, params):
+    """(N, d) mask of the coordinates the null space removes one by one: the rattlers'."""
+    return system.nullspace(x, params).mask.reshape(x.shape)
+
+
 _tangent_jit = jax.jit(_tangent, static_argnums=(0, 1))
 _cotangent_jit = jax.jit(_cotangent, static_argnums=(0, 1))
 _value_and_grads_jit = jax.jit(_value_and_grads, static_argnums=0)
+# Compiled: outside jit the null space is seconds of single operations (and gathers at the
+# neighbour list's padding, out of range, fail).
+_rattler_rows_jit = jax.jit(_rattler_rows, static_argnums=0)
 
 
 def observable_gradients(
@@ -168,8 +176,7 @@ def observable_gradients(
     )
     why = "the fewer solves" if mode == "auto" else "as asked"
     reason = f"{chosen} mode, {why}: {counts}"
-    nullspace = system.nullspace(x, params)
-    rattler_rows = np.asarray(nullspace.mask, dtype=bool).reshape(x.shape)
+    rattler_rows = np.asarray(_rattler_rows_jit(system, x, params), dtype=bool)
     tangents = {name: unit_tangent(system, name, params) for name in names}
     solves = 0
     if chosen == "forward":

@@ -71,14 +71,17 @@ def energy(system: System) -> Observable:
 
 
 def _pairs(system: System, x):
-    """(i, j, valid): every interacting pair once: the neighbour list's at ``x`` (padding
-    invalid; NaN-flagged by ``valid = False`` everywhere when the list overflows), or all pairs."""
+    """(i, j, valid, overflow): every interacting pair once, the neighbour list's at ``x`` or all
+    pairs; ``valid`` is False for the list's padding slots (their indices point at particle 0,
+    so that they can be gathered outside ``jit`` too), ``overflow`` True when the list cannot
+    hold the pairs at ``x``."""
     if system.pair_list is None:
         i, j = np.triu_indices(system.n_particles, k=1)
         return jnp.asarray(i), jnp.asarray(j), jnp.ones(i.shape, dtype=bool), jnp.asarray(False)
     neighbors = system.pair_list.at(x)
     i, j = neighbors.idx
-    return i, j, i < x.shape[0], neighbors.did_buffer_overflow != 0
+    valid = i < x.shape[0]
+    return jnp.where(valid, i, 0), jnp.where(valid, j, 0), valid, neighbors.did_buffer_overflow != 0
 
 
 def strained_energy(system: System, x, params, strain):
