@@ -258,7 +258,8 @@ def ensemble(
         for spec in observables:
             parse_observable(s, spec)
     target = Path(run_dir) if run_dir is not None else RESULTS / f"{safe_name(systems[0].name)}-ensemble"
-    check_target(target, force)
+    if not (resume and files.existing_members(target)):
+        check_target(target, force)
     if files.existing_members(target) and not resume:
         raise UserError(
             f"{target} already holds an ensemble: pass --resume to finish or reuse it, or choose"
@@ -272,22 +273,45 @@ def ensemble(
     ]
     keys = {m.index: files.member_key(m.recipe, names, list(observables)) for m in members}
     work = (target, systems, points, members, keys, names, observables, batch, progress)
+    # Every process checks the directory before any writes into it; the first barrier waits
+    # for all of them (and for process 0's lock), the second for all members' files.
     if jax.process_index() != 0:
+        _barrier("directory checked")
         computed = _compute(*work)
-        _barrier()
+        _barrier("members written")
         return EnsembleResult([], [], {}, [], [], computed, None, time.perf_counter() - start)
     with run_lock(target, "ensemble", create=True):
+        _barrier("directory checked")
         computed = _compute(*work)
-        _barrier()  # every process's members are written
+        _barrier("members written")
         return _finish(target, members, keys, names, observables, points, computed, start)
 
 
-def _barrier() -> None:
+def start_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Join a ``jax.distributed`` job: the coordinator ``HOST:PORT``, the process count and this
+    process's id, or (all ``None``) what JAX reads from the environment (SLURM, Open MPI, or
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). Must come before
+    anything computes with JAX. CPU processes exchange data over Gloo.
+
+    Raises:
+        UserError: JAX has already started (or the job cannot be joined).
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (RuntimeError, ValueError) as error:
+        message = " ".join(str(error).split())
+        raise UserError(f"cannot join the jax.distributed job: {message}") from None
+
+
+def _barrier(name: str) -> None:
     """Wait for every process (a no-op in a single process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("mdsens ensemble members written")
+        multihost_utils.sync_global_devices(f"mdsens ensemble: {name}")
 
 
 def _compute(target, systems, points, members, keys, names, observables, batch, progress) -> int:
@@ -303,19 +327,19 @@ def _compute(target, systems, points, members, keys, names, observables, batch, 
         mine = [m for k, m in enumerate(group) if k % count == rank]
         todo = [m for m in mine if files.read_member(target, m.index, keys[m.index]) is None]
         todo_total += len(todo)
-        plans.append((group, todo))
+        plans.append((group, len(mine), todo))
     done = 0
     mesh = local_mesh()
-    for group, todo in plans:
+    for group, mine, todo in plans:
         if not todo:
             continue
         point_systems = [by_point[m.point] for m in group]
         # The template's list reaches as far as the widest member's interactions.
         template = max(point_systems, key=lambda s: s.reach())
-        engine = BatchEngine(
-            template, tuple(names), tuple(parse_observable(template, o) for o in observables), mesh
-        )
-        size = batch_size(len(todo), template, engine.devices, batch)
+        engine = _engine(template, names, observables, mesh)
+        # Sized by all of this process's members of the group, not those left: a resumed run
+        # keeps the batch shape, and with it the compiled functions.
+        size = batch_size(mine, template, engine.devices, batch)
         for offset in range(0, len(todo), size):
             chunk = todo[offset : offset + size]
             outcomes = engine.run(
@@ -329,6 +353,23 @@ def _compute(target, systems, points, members, keys, names, observables, batch, 
             if progress is not None:
                 progress(done, todo_total)
     return done
+
+
+_ENGINES: dict[tuple, BatchEngine] = {}
+"""Compiled batch engines by template recipe, parameters, observables and devices: a resumed
+or repeated ensemble in the same process compiles nothing again."""
+
+
+def _engine(template: System, names, observables, mesh) -> BatchEngine:
+    recipe = {k: v for k, v in template.recipe.items() if k not in ("seed", "description")}
+    recipe = json.dumps(recipe, sort_keys=True, default=str)
+    key = (recipe, tuple(names), tuple(observables), tuple(d.id for d in mesh.devices.flat))
+    if key not in _ENGINES:
+        if len(_ENGINES) >= 4:
+            _ENGINES.pop(next(iter(_ENGINES)))
+        parsed = tuple(parse_observable(template, o) for o in observables)
+        _ENGINES[key] = BatchEngine(template, tuple(names), parsed, mesh)
+    return _ENGINES[key]
 
 
 def _save(target: Path, m: Member, key: str, outcome: MemberOutcome) -> None:
