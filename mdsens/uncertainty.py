@@ -17,13 +17,14 @@ reported for them).
 
 :func:`monte_carlo` checks the linearisation: it draws K parameter sets θ₀ + δ, δ ~ N(0, Σθ)
 (seeded; a positive semi-definite Σθ is fine), relaxes each from x*, and compares the sample
-standard deviations with the linear ones (:func:`compare`). Each sample's displacement is taken
-minimum-image, with the same zero modes removed as from J (rigid motions of the non-rattlers,
-rattlers' coordinates), so that both describe the same thing. A sample whose relaxation does not
-converge is recorded and left out, never averaged. Samples that change the contact network are
-counted: there the relaxed structure is not a smooth function of θ, and the linearisation stops
-holding. A standard deviation estimated from K samples has a relative sampling error of about
-1/√(2(K − 1)) (:attr:`Comparison.sampling_error`).
+standard deviations with the linear ones (:func:`compare`): with Σθ, and with the sample
+covariance of the δ drawn, which takes the draws' own sampling error out of the comparison. Each
+sample's displacement is taken minimum-image, with the same zero modes removed as from J (rigid
+motions of the non-rattlers, rattlers' coordinates), so that both describe the same thing. A
+sample whose relaxation does not converge is recorded and left out, never averaged. Samples that
+change the contact network are counted: there the relaxed structure is not a smooth function of
+θ, and the linearisation stops holding. A standard deviation estimated from K samples has a
+relative sampling error of about 1/√(2(K − 1)) (:attr:`Comparison.sampling_error`).
 """
 
 from __future__ import annotations
@@ -254,6 +255,11 @@ def position_blocks(jacobian: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.einsum("pia,pq,qib->iab", jacobian, matrix, jacobian)
 
 
+# Compiled once per system (a System hashes by identity).
+_rattlers = jax.jit(lambda system, x, params: system.rattlers(x, params), static_argnums=0)
+_difference = jax.jit(lambda system, a, b: jax.vmap(system.displacement)(a, b), static_argnums=0)
+
+
 def _observables(system: System, names: Sequence[str]) -> list[Observable]:
     return [parse_observable(system, name) for name in names]
 
@@ -296,7 +302,7 @@ def propagate(
         warnings = result.warnings
         rattlers = result.rattlers
     if rattlers is None:
-        rattlers = np.asarray(jax.jit(system.rattlers)(jnp.asarray(positions), system.params))
+        rattlers = np.asarray(_rattlers(system, jnp.asarray(positions), system.params))
         if rattlers.any():
             warnings.append(f"{int(rattlers.sum())} rattler(s): their positions are not determined")
     jacobian = np.stack([np.asarray(dx[name], dtype=float) for name in names])
@@ -449,7 +455,6 @@ def monte_carlo(
     deltas = draw(covariance, samples, seed)
     names = tuple(linear.observables)
     engines = _Engines(Relaxer(system) if relaxer is None else relaxer, names)
-    difference = jax.jit(jax.vmap(system.displacement))
     converged = np.zeros(samples, dtype=bool)
     reasons = [""] * samples
     steps = np.zeros(samples, dtype=int)
@@ -472,7 +477,7 @@ def monte_carlo(
             else:
                 converged[k] = True
                 x = np.asarray(result.positions)
-                moved = np.asarray(difference(jnp.asarray(x), jnp.asarray(x0)))
+                moved = np.asarray(_difference(system, jnp.asarray(x), jnp.asarray(x0)))
                 moved = without_null_space(system, x0, system.params, moved)
                 predicted = np.tensordot(deltas[k], linear.jacobian, axes=1)
                 scale = float(np.linalg.norm(predicted))
@@ -504,53 +509,84 @@ def monte_carlo(
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """Monte Carlo standard deviations against the linear ones.
+class Ratios:
+    """Monte Carlo standard deviations over first-order ones.
 
     Attributes:
-        atoms: (N,) the atoms compared: not rattlers, with a linear σ > 0.
-        ratio: (N,) σ_MC,i / σ_linear,i (NaN where not compared).
+        ratio: (N,) σ_MC,i / σ_linear,i (NaN for atoms not compared).
         percentiles: the ratio's :data:`PERCENTILES` over the compared atoms.
         rms_ratio: √(Σ σ_MC,i² / Σ σ_linear,i²) over the compared atoms: the ratio of the total
             root-mean-square displacements.
         observables: by name, σ_MC / σ_linear (NaN where σ_linear = 0).
+    """
+
+    ratio: np.ndarray
+    percentiles: dict[float, float]
+    rms_ratio: float
+    observables: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Monte Carlo standard deviations against the first-order ones, twice: with Σθ (what
+    :func:`propagate` reports), and with the sample covariance of the δ actually drawn.
+
+    The first ratio carries the sampling error of the draws themselves; the second does not: where
+    x* responds linearly, Δx = J δ for every sample and the sample covariance of the
+    displacements is exactly J Σ̂δ Jᵀ, so its ratios are 1 whatever K, and what departs from 1
+    is the response's nonlinearity alone.
+
+    Attributes:
+        atoms: (N,) the atoms compared: not rattlers, with a first-order σ > 0.
+        nominal: ratios to the first order with Σθ.
+        drawn: ratios to the first order with the draws' sample covariance Σ̂δ (ddof 1).
         sampling_error: 1/√(2(K − 1)) for the K converged samples: the relative standard error
             of one standard deviation estimated from them (Gaussian samples); NaN below 2.
     """
 
     atoms: np.ndarray
-    ratio: np.ndarray
-    percentiles: dict[float, float]
-    rms_ratio: float
-    observables: dict[str, float]
+    nominal: Ratios
+    drawn: Ratios
     sampling_error: float
 
-    def agrees(self, ratio: float, band: float = 3.0) -> bool:
-        """Whether ``ratio`` is within ``band`` sampling errors of 1."""
-        return bool(abs(ratio - 1.0) <= band * self.sampling_error)
+
+def _ratios(
+    atoms: np.ndarray, sampled: np.ndarray, reference: np.ndarray, observables: dict[str, tuple[float, float]]
+) -> Ratios:
+    ratio = np.full(len(reference), np.nan)
+    ratio[atoms] = sampled[atoms] / reference[atoms]
+    if atoms.any():
+        percentiles = dict(zip(PERCENTILES, np.percentile(ratio[atoms], PERCENTILES).tolist(), strict=True))
+        rms = math.sqrt(float(np.sum(sampled[atoms] ** 2)) / float(np.sum(reference[atoms] ** 2)))
+    else:
+        percentiles, rms = {p: math.nan for p in PERCENTILES}, math.nan
+    quotients = {name: a / b if b > 0 else math.nan for name, (a, b) in observables.items()}
+    return Ratios(ratio, percentiles, rms, quotients)
 
 
 def compare(linear: LinearUncertainty, mc: MonteCarlo) -> Comparison:
     """:class:`Comparison` of ``mc``'s sample standard deviations with ``linear``'s."""
-    sigma_linear, sigma_mc = linear.sigma, mc.sigma
-    atoms = ~linear.rattlers & (sigma_linear > 0) & np.isfinite(sigma_mc)
-    ratio = np.full(len(sigma_linear), np.nan)
-    ratio[atoms] = sigma_mc[atoms] / sigma_linear[atoms]
-    if atoms.any():
-        percentiles = dict(zip(PERCENTILES, np.percentile(ratio[atoms], PERCENTILES).tolist(), strict=True))
-        rms = math.sqrt(float(np.sum(sigma_mc[atoms] ** 2)) / float(np.sum(sigma_linear[atoms] ** 2)))
-    else:
-        percentiles, rms = {p: math.nan for p in PERCENTILES}, math.nan
-    observables = {}
-    for name, sigma in zip(mc.observable_names, mc.observable_sigma, strict=True):
-        reference = linear.observables[name].sigma
-        observables[name] = float(sigma) / reference if reference > 0 else math.nan
+    sigma_mc = mc.sigma
+    atoms = ~linear.rattlers & (linear.sigma > 0) & np.isfinite(sigma_mc)
     used = mc.used
+    names = list(linear.covariance.names)
+    drawn_covariance = (
+        np.cov(mc.deltas[mc.converged].T, ddof=1).reshape(len(names), len(names))
+        if used > 1
+        else np.full((len(names), len(names)), np.nan)
+    )
+    drawn_sigma = np.sqrt(
+        np.maximum(np.trace(position_blocks(linear.jacobian, drawn_covariance), axis1=1, axis2=2), 0.0)
+    )
+    nominal, drawn = {}, {}
+    for name, sigma in zip(mc.observable_names, mc.observable_sigma, strict=True):
+        entry = linear.observables[name]
+        gradient = np.array([entry.gradient[n] for n in names])
+        nominal[name] = (float(sigma), entry.sigma)
+        drawn[name] = (float(sigma), math.sqrt(max(float(gradient @ drawn_covariance @ gradient), 0.0)))
     return Comparison(
         atoms=atoms,
-        ratio=ratio,
-        percentiles=percentiles,
-        rms_ratio=rms,
-        observables=observables,
+        nominal=_ratios(atoms, sigma_mc, linear.sigma, nominal),
+        drawn=_ratios(atoms, sigma_mc, drawn_sigma, drawn),
         sampling_error=1 / math.sqrt(2 * (used - 1)) if used > 1 else math.nan,
     )

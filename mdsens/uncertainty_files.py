@@ -23,9 +23,11 @@ the two data files as written (:mod:`mdsens.plot_uncertainty`).
 ``uncertainty.json``: ``state``, ``inputs`` (the command line's choices), ``parameters`` (value,
 std, relative_std by name), ``parameter_covariance`` (names, matrix), ``rattlers`` (indices,
 masked), ``warnings``, ``positions`` (``linear`` and ``monte_carlo``: rms/median/max of the per-atom
-σ_i = √tr C_i over non-rattlers and the atom of the largest; ``comparison``: atoms compared,
+σ_i = √tr C_i over non-rattlers and the atom of the largest; ``comparison``: atoms compared, and
+for ``nominal`` (first order with Σθ) and ``drawn`` (with the sample covariance of the δ drawn)
 ``ratio_p5``/``ratio_p50``/``ratio_p95`` of σ_MC,i / σ_linear,i and ``rms_ratio``), ``observables``
-(value, units, sigma_linear, gradient, sigma_monte_carlo, ratio), ``monte_carlo`` (samples, seed,
+(value, units, sigma_linear, gradient, sigma_monte_carlo, ratio, ratio_drawn), ``monte_carlo``
+(samples, seed,
 converged, excluded samples with reasons, contact_changed_samples, sampling_error, prediction_error
 ‖Δx − J δ‖/‖J δ‖: median, max and max over samples that kept their contacts; steps), ``wall_time``
 and ``versions``. Numbers that are not finite are written as null.
@@ -35,7 +37,8 @@ and ``versions``. Numbers that are not finite are written as null.
 ``sigma_axes`` (N, d), ``rattlers`` (N,), ``observable_names`` / ``observable_values`` /
 ``observable_sigma`` (Q,), ``observable_gradients`` (Q, P), ``observable_covariance`` (Q, Q); with
 the Monte Carlo check also ``mc_covariance`` (N, d, d), ``mc_sigma`` (N,), ``mc_mean`` (N, d),
-``mc_observable_sigma`` (Q,), ``sigma_ratio`` (N,; NaN where not compared) and per sample
+``mc_observable_sigma`` (Q,), ``sigma_ratio`` and ``sigma_ratio_drawn`` (N,; NaN where not
+compared) and per sample
 ``sample_deltas`` (K, P), ``sample_converged``, ``sample_steps``, ``sample_contact_changes``,
 ``sample_prediction_error`` (K,) and ``sample_observables`` (K, Q; NaN for samples left out).
 Rattlers' rows are 0.
@@ -63,7 +66,7 @@ from mdsens.run import relaxed_state, versions
 from mdsens.run_files import open_run, read_run, run_directory
 from mdsens.run_lock import run_lock
 from mdsens.system import System
-from mdsens.uncertainty import LinearUncertainty, MonteCarlo, compare
+from mdsens.uncertainty import LinearUncertainty, MonteCarlo, Ratios, compare
 
 STAGE = "uncertainty"
 JSON = "uncertainty.json"
@@ -146,6 +149,13 @@ def _sigma_summary(sigma: np.ndarray, atoms: np.ndarray) -> dict:
     }
 
 
+def _ratio_summary(ratios: Ratios) -> dict:
+    return {
+        **{f"ratio_p{p:g}": _number(v) for p, v in ratios.percentiles.items()},
+        "rms_ratio": _number(ratios.rms_ratio),
+    }
+
+
 def uncertainty_summary(
     system: System, state: str, linear: LinearUncertainty, mc: MonteCarlo | None, inputs: dict
 ) -> dict:
@@ -170,7 +180,8 @@ def uncertainty_summary(
             "sigma_linear": entry.sigma,
             "gradient": entry.gradient,
             "sigma_monte_carlo": None if mc is None else _number(mc_sigma[k]),
-            "ratio": None if comparison is None else _number(comparison.observables[name]),
+            "ratio": None if comparison is None else _number(comparison.nominal.observables[name]),
+            "ratio_drawn": None if comparison is None else _number(comparison.drawn.observables[name]),
         }
     positions: dict = {"linear": _sigma_summary(linear.sigma, atoms), "monte_carlo": None, "comparison": None}
     monte_carlo = None
@@ -178,8 +189,8 @@ def uncertainty_summary(
         positions["monte_carlo"] = _sigma_summary(mc.sigma, atoms & np.isfinite(mc.sigma))
         positions["comparison"] = {
             "atoms_compared": int(comparison.atoms.sum()),
-            **{f"ratio_p{p:g}": _number(v) for p, v in comparison.percentiles.items()},
-            "rms_ratio": _number(comparison.rms_ratio),
+            "nominal": _ratio_summary(comparison.nominal),
+            "drawn": _ratio_summary(comparison.drawn),
         }
         errors = mc.prediction_error[mc.converged]
         kept = mc.prediction_error[mc.converged & (mc.contact_changes == 0)]
@@ -239,13 +250,15 @@ def uncertainty_arrays(linear: LinearUncertainty, mc: MonteCarlo | None) -> dict
         "observable_covariance": linear.observable_covariance,
     }
     if mc is not None:
+        comparison = compare(linear, mc)
         arrays.update(
             {
                 "mc_covariance": mc.blocks,
                 "mc_sigma": mc.sigma,
                 "mc_mean": mc.mean,
                 "mc_observable_sigma": mc.observable_sigma,
-                "sigma_ratio": compare(linear, mc).ratio,
+                "sigma_ratio": comparison.nominal.ratio,
+                "sigma_ratio_drawn": comparison.drawn.ratio,
                 "sample_deltas": mc.deltas,
                 "sample_converged": mc.converged,
                 "sample_steps": mc.steps,

@@ -256,7 +256,8 @@ def test_monte_carlo_agrees_with_first_order_at_small_std(small_std):
     comparison = compare(linear, mc)
     assert comparison.sampling_error == pytest.approx(1 / math.sqrt(2 * (SMALL_SAMPLES - 1)))
     assert comparison.atoms.sum() == (~linear.rattlers).sum()
-    for ratio in (comparison.rms_ratio, comparison.percentiles[50.0], comparison.observables["pressure"]):
+    nominal = comparison.nominal
+    for ratio in (nominal.rms_ratio, nominal.percentiles[50.0], nominal.observables["pressure"]):
         assert BAND[0] <= ratio <= BAND[1], comparison
     # Where a sample keeps its contacts, x*(θ + δ) is smooth and the first-order prediction's
     # remainder is second order: ‖Δx − J δ‖ / ‖J δ‖ = |δ| ‖x''‖ / 2‖x'‖ + O(δ²), one constant
@@ -270,6 +271,26 @@ def test_monte_carlo_agrees_with_first_order_at_small_std(small_std):
     assert slope.max() < 1.1 * slope.min(), np.sort(slope)
 
 
+def test_drawn_ratio_is_one_where_the_response_is_linear(
+    packing_system, packing_relaxer, packing_relaxed, packing_sensitivity
+):
+    # At 1e-6 relative no contact changes, and Δx = J δ up to the second-order remainder,
+    # ≈ 30 |δ| relative (test above): σ_MC = σ_linear(Σ̂δ) to ~1e-4 with only 8 samples, while
+    # the ratio to Σθ carries the sampling error of 8 draws (±0.27).
+    covariance = covariance_from_std(packing_system, ["diameter.B=1e-4%"])
+    linear = propagate(packing_system, packing_relaxed, covariance, ["pressure"], dx=_dx(packing_sensitivity))
+    mc = monte_carlo(packing_system, packing_relaxed, linear, 8, seed=3, relaxer=packing_relaxer)
+    assert mc.used == 8 and mc.changed == 0
+    comparison = compare(linear, mc)
+    drawn = comparison.drawn
+    np.testing.assert_allclose(drawn.ratio[comparison.atoms], 1.0, atol=1e-3)
+    assert drawn.rms_ratio == pytest.approx(1.0, abs=1e-4)
+    assert drawn.observables["pressure"] == pytest.approx(1.0, abs=1e-4)
+    # The nominal ratio is the draws' own: std(δ) / σθ, for every atom alike.
+    spread = np.std(mc.deltas[:, 0], ddof=1) / covariance.std[0]
+    assert comparison.nominal.rms_ratio == pytest.approx(spread, rel=1e-4)
+
+
 def test_monte_carlo_departs_when_contacts_change(
     packing_system, packing_relaxer, packing_relaxed, packing_sensitivity
 ):
@@ -279,7 +300,8 @@ def test_monte_carlo_departs_when_contacts_change(
     comparison = compare(linear, mc)
     assert mc.changed > 0
     # Far outside what sampling explains.
-    assert abs(comparison.rms_ratio - 1) > 3 * comparison.sampling_error, comparison
+    assert abs(comparison.nominal.rms_ratio - 1) > 3 * comparison.sampling_error, comparison
+    assert abs(comparison.drawn.rms_ratio - 1) > 3 * comparison.sampling_error, comparison
 
 
 def test_monte_carlo_displacements_have_no_translation(
@@ -308,8 +330,9 @@ def test_save_uncertainty_writes_files_in_the_manifest(tmp_path, packing_system,
     summary = json.loads((run / "uncertainty.json").read_text())
     assert summary["state"] == manifest.state
     comparison = compare(linear, mc)
-    assert summary["positions"]["comparison"]["rms_ratio"] == comparison.rms_ratio
-    assert summary["observables"]["pressure"]["ratio"] == comparison.observables["pressure"]
+    assert summary["positions"]["comparison"]["nominal"]["rms_ratio"] == comparison.nominal.rms_ratio
+    assert summary["positions"]["comparison"]["drawn"]["ratio_p95"] == comparison.drawn.percentiles[95.0]
+    assert summary["observables"]["pressure"]["ratio"] == comparison.nominal.observables["pressure"]
     assert summary["monte_carlo"]["converged"] == SMALL_SAMPLES
     assert summary["monte_carlo"]["contact_changed_samples"] == mc.changed
     with np.load(run / "uncertainty.npz") as data:
