@@ -30,7 +30,6 @@ Observables = Annotated[
     list[str] | None,
     typer.Option(
         "--observable",
-        "-q",
         metavar="NAME",
         help="Observable q(x*, θ) whose total derivative dq/dθ to every selected parameter is "
         "written to RUN/observables.json; repeatable. `energy`, `pressure`, `stress:xy` (periodic "
@@ -55,8 +54,8 @@ Mode = Annotated[
         "--mode",
         metavar="auto|forward|reverse",
         help="How observables are differentiated: `reverse` (one adjoint solve per observable), "
-        "`forward` (from dx*/dθ: one solve per parameter, none beyond those this command runs "
-        "anyway), or `auto`, the fewer solves.",
+        "`forward` (from the dx*/dθ this command solves anyway: no more solves, but one per "
+        "particle with --per-particle), or `auto`, the fewer solves.",
     ),
 ]
 
@@ -108,8 +107,8 @@ def sensitivity(
 
     def _compute_and_save(run_dir, note):
         from mdsens.observable_gradients import MODES
-        from mdsens.parameters import expand_parameters, parameter_names
-        from mdsens.run import load_run, save_sensitivity
+        from mdsens.parameters import expand_parameters, parameter_names, per_particle_keys
+        from mdsens.run import load_run, per_atom_columns, save_sensitivity
         from mdsens.sensitivity import Sensitivity
 
         system, relaxed, run_dir = load_run(run_dir)
@@ -126,6 +125,8 @@ def sensitivity(
             )
         # Every observable is checked (and a user's file loaded) before anything is computed.
         observables = _parse_observables(system, observable or [])
+        keys = per_particle_keys(system, names) if per_particle else []
+        per_atom_columns([o.name for o in observables], keys)
         if not relaxed.converged and not allow_unconverged:
             raise UserError(
                 f"{run_dir} holds an unconverged relaxation (max|F| {relaxed.max_force:.3g}); "
@@ -160,16 +161,14 @@ def sensitivity(
             err.print(f"[bold yellow]Warning:[/] {escape(warning)}")
         gradients = None
         if observables:
-            gradients = _observable_gradients(system, relaxed, result, observables, names)
+            gradients = _observable_gradients(system, relaxed, result, observables, names, keys)
         save_sensitivity(run_dir, system, result, relaxed=relaxed, observables=gradients)
 
-    def _observable_gradients(system, relaxed, result, observables, names):
+    def _observable_gradients(system, relaxed, result, observables, names, keys):
         from mdsens.observable_gradients import observable_gradients
-        from mdsens.parameters import per_particle_keys, with_per_particle
+        from mdsens.parameters import with_per_particle
 
-        params = system.params
-        if per_particle:
-            params = with_per_particle(system, params, per_particle_keys(system, names))
+        params = with_per_particle(system, system.params, keys) if keys else system.params
         dx = {name: entry.dx for name, entry in result.parameters.items()}
         with err.status("differentiating the observables"):
             gradients = observable_gradients(

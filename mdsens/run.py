@@ -417,25 +417,36 @@ def save_sensitivity(
         return write_stage(run, "sensitivity", None if manifest is None else state, files)
 
 
-def _per_atom_gradients(observables: ObservableResult) -> dict[str, tuple[str, np.ndarray]]:
-    """npz key → (extxyz column, (N,) dq/d(key[i])) of every per-particle gradient.
+def per_atom_columns(observables: list[str], keys: list[str]) -> dict[tuple[str, str], str]:
+    """(observable, per-particle parameter) → its ``sensitivity.extxyz`` column, for each pair.
 
     Raises:
-        UserError: two of them would share a column name (observables named alike).
+        UserError: two observables would share a column (names alike but for punctuation).
     """
-    out: dict[str, tuple[str, np.ndarray]] = {}
-    columns: dict[str, str] = {}
-    for name, entry in observables.observables.items():
-        for key, values in entry.per_particle.items():
+    out: dict[tuple[str, str], str] = {}
+    owners: dict[str, str] = {}
+    for name in observables:
+        for key in keys:
             column = observable_column(name, key)
-            if column in columns:
+            if owners.setdefault(column, name) != name:
                 raise UserError(
-                    f"observables {columns[column]!r} and {name!r} would share the sensitivity.extxyz"
+                    f"observables {owners[column]!r} and {name!r} would share the sensitivity.extxyz"
                     f" column {column}: compute them in separate runs"
                 )
-            columns[column] = name
-            out[observable_npz_key(name, key)] = (column, np.asarray(values, dtype=np.float64))
+            out[name, key] = column
     return out
+
+
+def _per_atom_gradients(observables: ObservableResult) -> dict[str, tuple[str, np.ndarray]]:
+    """npz key → (extxyz column, (N,) dq/d(key[i])) of every per-particle gradient."""
+    entries = observables.observables
+    keys = sorted({key for entry in entries.values() for key in entry.per_particle})
+    columns = per_atom_columns(list(entries), keys)
+    return {
+        observable_npz_key(name, key): (columns[name, key], np.asarray(values, dtype=np.float64))
+        for name, entry in entries.items()
+        for key, values in entry.per_particle.items()
+    }
 
 
 def save_check(run_dir: str | Path, system: System, relaxed: RelaxResult, report: dict) -> Path:
