@@ -29,12 +29,19 @@ from typer.testing import CliRunner
 import mdsens.plot
 from mdsens.cli import app
 from mdsens.errors import UserError
-from mdsens.plot import configuration_figure, distance_figure, histogram_figure, plot_run, run_figures
+from mdsens.plot import (
+    configuration_figure,
+    distance_figure,
+    gradient_units,
+    histogram_figure,
+    plot_run,
+    run_figures,
+)
 from mdsens.plot_centers import distances_from, find_center
 from mdsens.plot_geometry import RunGeometry, periodic_images, select_view
 from mdsens.plot_panels import LOG_DECADES
 from mdsens.plot_units import UNKNOWN_LENGTH, units_of
-from mdsens.run_files import read_run
+from mdsens.run_files import PerAtomGradient, read_run
 
 N = 10
 # The resolved recipe of a soft-sphere run: lengths in units of d_A = 1, energies in ε = 1.
@@ -966,3 +973,105 @@ def test_cli_plot_bad_center_or_slice_is_a_one_line_error(run3d, args, match):
     assert len(lines) == 1 and "Error" in lines[0] and match in lines[0], result.stderr
     assert "Traceback" not in result.output
     assert not list(run3d.glob("*.png"))
+
+
+# --- per-particle gradients of observables (observables.json + observables.npz) -------------------
+
+
+def add_observables(run_dir, gradients: dict[str, tuple[str, np.ndarray]]) -> None:
+    """Write observables.json and observables.npz as `mdsens sensitivity --per-particle` does:
+    ``gradients`` maps an observable to (its units, dq/d(diameter[i]) for every particle)."""
+    table = {
+        name: {"units": units, "per_particle": {"diameter": {"npz_key": f"{name}/diameter"}}}
+        for name, (units, _) in gradients.items()
+    }
+    (run_dir / "observables.json").write_text(json.dumps({"observables": table}))
+    np.savez(run_dir / "observables.npz", **{f"{n}/diameter": v for n, (_, v) in gradients.items()})
+
+
+def colour_bar(fig):
+    """The configuration's axes and its colour bar's."""
+    ax, bar = fig.axes
+    return ax, bar
+
+
+def test_per_particle_gradients_get_a_figure_coloured_by_them(copy2d):
+    values = np.linspace(-1.0, 2.0, N)
+    add_observables(copy2d, {"pressure": ("energy / length^2", values), "f.py:g": ("user", -values)})
+    drawn = figures(copy2d)
+    assert list(drawn)[-2:] == ["observable-pressure-diameter.png", "observable-f.py_g-diameter.png"]
+    fig = drawn["observable-pressure-diameter.png"]
+    assert said(fig).startswith("d(pressure)/d(diameter[i]): the derivative of pressure")
+    sums = {t: values[np.arange(N) % 2 == t].sum() for t in (0, 1)}
+    assert f"A {sums[0]:+.4g}, B {sums[1]:+.4g}" in said(fig)  # each species' sum
+    ax, bar = colour_bar(fig)
+    assert bar.get_xlim() == pytest.approx((-2.0, 2.0))  # centred at 0, to the largest |value|
+    assert bar.get_xlabel() == "d(pressure)/d(diameter[i]) (ε / d_A³)"
+    assert ax.get_legend() is None  # colour is the gradient, not the species; no rattler, no center
+    discs = only(ax, EllipseCollection).get_facecolors()
+    run = geometry(copy2d)
+    _, owners = periodic_images(run, run.wrapped_xy(run.positions3), run.diameters)
+    # Red where the gradient is positive, blue where negative (each disc is some particle's image).
+    signs, redder = np.sign(values[owners]), np.sign(discs[:, 0] - discs[:, 2])
+    assert np.array_equal(redder[signs != 0], signs[signs != 0])
+    _, user = colour_bar(drawn["observable-f.py_g-diameter.png"])
+    assert user.get_xlabel() == "d(f.py:g)/d(diameter[i]) (units of f.py:g per unit of diameter)"
+    paths = plot_run(copy2d)
+    for path in paths[-2:]:
+        assert_png(path)
+
+
+def test_a_zero_gradient_is_drawn_white_on_a_unit_scale(copy2d):
+    add_observables(copy2d, {"pressure": ("energy / length^2", np.zeros(N))})
+    ax, bar = colour_bar(figures(copy2d, [])["observable-pressure-diameter.png"])
+    assert bar.get_xlim() == pytest.approx((-1.0, 1.0))
+    assert np.allclose(only(ax, EllipseCollection).get_facecolors()[:, :3], 0.97, atol=0.03)
+
+
+def test_per_particle_gradients_of_a_three_dimensional_run(copy3d):
+    add_observables(copy3d, {"distance:1,2": ("length", np.arange(N) - 4.5)})
+    fig = figures(copy3d, slice_width=1.5)["observable-distance_1_2-diameter.png"]
+    assert "slice" in said(fig)
+    _, bar = colour_bar(fig)
+    assert bar.get_xlabel().endswith("(dimensionless)")  # length per length, units unknown
+
+
+@pytest.mark.parametrize(
+    ("units", "parameter", "recipe", "expected"),
+    [
+        ("energy / length^2", "diameter", SOFT_SPHERES, "ε / d_A³"),
+        ("energy / length^3", "diameter", SOFT_SPHERES, "ε / d_A⁴"),
+        ("energy", "epsilon", SOFT_SPHERES, "dimensionless"),
+        ("length", "epsilon", SOFT_SPHERES, "d_A / ε"),
+        ("energy / length^2", "diameter", None, "energy / length³"),
+        ("energy", "alpha", SOFT_SPHERES, "units of q per unit of alpha"),
+        ("user", "diameter", SOFT_SPHERES, "units of q per unit of diameter"),
+    ],
+)
+def test_units_of_a_per_particle_gradient(units, parameter, recipe, expected):
+    gradient = PerAtomGradient("q", parameter, units, np.zeros(N))
+    assert gradient_units(units_of(recipe), gradient) == expected
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("no npz", "observables.npz"),
+        ("wrong shape", "is not 10 finite numbers"),
+        ("no key", "has no array"),
+        ("no table", "has no table of observables"),
+    ],
+)
+def test_damaged_observable_files_are_user_errors(copy2d, damage, match):
+    add_observables(copy2d, {"pressure": ("energy / length^2", np.ones(N))})
+    if damage == "no npz":
+        (copy2d / "observables.npz").unlink()
+    elif damage == "wrong shape":
+        np.savez(copy2d / "observables.npz", **{"pressure/diameter": np.ones(N + 1)})
+    elif damage == "no key":
+        np.savez(copy2d / "observables.npz", other=np.ones(N))
+    else:
+        (copy2d / "observables.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=match):
+        plot_run(copy2d)
+    assert not list(copy2d.glob("*.png"))
