@@ -115,7 +115,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_sweep(text: str) -> tuple[str, list[float]]:
+def parse_sweep(text: str) -> tuple[str, list[int | float]]:
     """``KEY=V1,V2,...`` or ``KEY=START:STOP:COUNT`` (COUNT values, both ends included).
 
     Raises:
@@ -134,7 +134,8 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
                 raise ValueError
             out = [float(v) for v in np.linspace(float(start), float(stop), count)]
         else:
-            out = [float(v) for v in values.split(",")]
+            # Integers stay integers: integer recipe fields (n_particles) refuse 8.0.
+            out = [int(v) if v.strip().lstrip("+-").isdigit() else float(v) for v in values.split(",")]
         if not all(np.isfinite(out)):
             raise ValueError
     except ValueError:
