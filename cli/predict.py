@@ -12,6 +12,7 @@ from rich.markup import escape
 from .console import err, guarded, out
 from .options import RunOption, out_option
 from .runs import chosen_run
+from .sensitivity import SPECTRUM_AUTO_LIMIT
 
 Set = Annotated[
     list[str] | None,
@@ -44,8 +45,9 @@ def predict(set_: Set = None, verify: Verify = False, run: RunOption = None, out
     One linear solve along the step Δθ gives the first-order structure x* + (dx*/dθ)Δθ and the
     energy to first and second order (d²E*/dθ² = ∂²E/∂θ² + ∂²E/∂θ∂x · dx*/dθ). Prints them with
     the validity radius along the step (how far the parameters can move before a contact is
-    predicted to open or close, or the Hessian to go soft) and warns when the step exceeds it.
-    Writes RUN/predict/predict.json and RUN/predict/predicted.extxyz (or into --out).
+    predicted to open or close, or, up to 20000 degrees of freedom, the Hessian to go soft) and
+    warns when the step exceeds it. Writes RUN/predict/predict.json and
+    RUN/predict/predicted.extxyz (or into --out).
     """
 
     def action():
@@ -78,10 +80,15 @@ def predict(set_: Set = None, verify: Verify = False, run: RunOption = None, out
             tangents = {name: unit_tangent(system, name, params) for name in step.changes}
             with err.status("compiling and solving"):
                 prediction = predict_state(system, x, params, step.delta, names=tangents)
-                validity = validity_along(system, x, params, step.delta, prediction.dx)
+                # As for `mdsens sensitivity`'s spectrum: Lanczos beyond this can cost more than
+                # the prediction itself, and the contact criterion is the one that binds first.
+                k = 4 if x.size <= SPECTRUM_AUTO_LIMIT else 0
+                validity = validity_along(system, x, params, step.delta, prediction.dx, k=k)
                 crossings = predicted_crossings(system, x, params, step.delta, prediction.dx)
             _print_prediction(run_dir, step, prediction)
             _print_validity(validity, crossings)
+            if k == 0:
+                out.print(f"  Hessian modes not followed above {SPECTRUM_AUTO_LIMIT} degrees of freedom")
             verification = None
             if verify:
                 with err.status("re-relaxing at the new parameters"):

@@ -69,9 +69,10 @@ def prediction_summary(
     crossings: list[Crossing],
     verification: Verification | None = None,
 ) -> dict:
-    """What ``predict.json`` holds (see docs/file-formats.md): the step, the predicted energies,
-    the validity radius along the step in units of the step (t = 1 is the requested θ₁), the
-    contacts predicted to change within it, and the verification when there is one."""
+    """What ``predict.json`` holds: the relaxed state predicted from (``state``, as the run's
+    manifest names it), the step, the predicted energies, the validity radius along the step in
+    units of the step (t = 1 is the requested θ₁), the contacts predicted to change within it,
+    and the verification when there is one."""
     radius = validity.radius_up
     return {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -142,20 +143,16 @@ def save_prediction(
         UserError: the run no longer holds that state (it was relaxed again meanwhile), or
             ``out`` is a file.
     """
-    if out is not None:
-        target = Path(out)
-        if target.exists() and not target.is_dir():
-            raise UserError(f"--out {target} exists and is not a directory")
-        summary = prediction_summary(
-            system, None, overrides, step, prediction, validity, crossings, verification
-        )
-        files = _contents(summary, system, step, prediction, "")
-        return write_stage(target, "predict", None, files)
-    run, manifest = open_run(run_dir)
     state = relaxed_state(system, positions)
     summary = prediction_summary(
         system, state, overrides, step, prediction, validity, crossings, verification
     )
+    if out is not None:
+        target = Path(out)
+        if target.exists() and not target.is_dir():
+            raise UserError(f"--out {target} exists and is not a directory")
+        return write_stage(target, "predict", None, _contents(summary, system, step, prediction, ""))
+    run, manifest = open_run(run_dir)
     with run_lock(run, "predict"):
         # The stage moves its files into RUN/predict/, which must exist by then; a folder made
         # here for a commit that fails is removed again.

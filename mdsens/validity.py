@@ -159,7 +159,7 @@ class Modes:
         values: (k,), ascending.
         vectors: (k, N, d), orthonormal, orthogonal to the null space.
         groups: index ranges (start, stop) of degenerate eigenvalues (:data:`DEGENERATE`).
-        method: ``dense`` or ``lanczos`` (``none`` when the null space is everything).
+        method: ``dense`` or ``lanczos`` (``none`` when the null space is everything, or k = 0).
     """
 
     values: np.ndarray
@@ -276,11 +276,14 @@ def lowest_modes(system: System, x, params, k: int = 4, *, dense_limit: int = DE
     Dense up to ``dense_limit`` degrees of freedom; beyond, Lanczos on P H P + c (I − P) with c
     twice the largest eigenvalue (the null space moved out of the way, as
     :func:`mdsens.spectrum.lowest_eigenvalues` does), ``k`` + 3 eigenpairs of which a trailing
-    degenerate group that may be incomplete is dropped.
+    degenerate group that may be incomplete is dropped. ``k`` = 0 computes nothing and returns
+    no mode (method ``none``).
     """
+    x = jnp.asarray(x, dtype=jnp.float64)
+    if k <= 0:
+        return Modes(np.zeros(0), np.zeros((0, *x.shape)), (), "none")
     system = system.for_params(params, x)
     parts = _compiled(_Identity(system))
-    x = jnp.asarray(x, dtype=jnp.float64)
     basis = parts["nullspace"](x, params)
     n = x.size
     if n <= dense_limit:
@@ -431,7 +434,8 @@ def validity_along(
             :class:`mdsens.sensitivity.Sensitivity` and :func:`mdsens.prediction.predict` give it).
         modes: the lowest Hessian modes at (x, θ₀) (:func:`lowest_modes`; computed here if None:
             pass them when calling for many tangents).
-        k: how many modes to follow when computing them here.
+        k: how many modes to follow when computing them here (0: none; the mode limits are
+            then ``none``, and only contacts limit the radius).
     """
     system = system.for_params(params, x)
     x = jnp.asarray(x, dtype=jnp.float64)
@@ -452,7 +456,7 @@ def validity_radii(
         dx_by_name: parameter name (``diameter.B``, ``epsilon``, ``diameter[17]``) → dx*/dθ for
             it, (N, d) (``SensitivityResult.parameters[name].dx``).
         modes: the lowest Hessian modes (computed once here if None).
-        k: how many modes to follow when computing them here.
+        k: how many modes to follow when computing them here (0: none).
 
     Raises:
         UserError: an unknown parameter name.

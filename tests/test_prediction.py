@@ -24,8 +24,9 @@ from mdsens.errors import UserError
 from mdsens.manifest import read_manifest
 from mdsens.parameters import unit_tangent
 from mdsens.prediction import parameter_step, predict, verify
+from mdsens.prediction_files import save_prediction
 from mdsens.relaxation import Relaxer
-from mdsens.run import save_relaxation
+from mdsens.run import relaxed_state, save_relaxation
 from mdsens.system import load_system
 from mdsens.validity import validity_along
 
@@ -100,6 +101,35 @@ def test_predicted_displacement_is_the_sensitivity(packing_steps, packing_sensit
     assert prediction.energy_by_name["diameter.B"] == pytest.approx(prediction.slope, rel=1e-12)
     denergy = packing_sensitivity.parameters["diameter.B"].denergy
     assert prediction.slope == pytest.approx(denergy * expected, rel=1e-10)
+
+
+def test_files_written_elsewhere(packing_steps, packing_system, packing_relaxed, tmp_path):
+    """--out DIR: predict.json and predicted.extxyz side by side, the JSON saying what the
+    verification measured and the extxyz holding the predicted positions and θ₁."""
+    step, results, validity = packing_steps
+    prediction, check = results[0]
+    paths = save_prediction(
+        None,
+        packing_system,
+        packing_relaxed.positions,
+        ["species.B.diameter=0.5996"],
+        step,
+        prediction,
+        validity,
+        [],
+        check,
+        out=tmp_path / "out",
+    )
+    assert sorted(p.name for p in paths) == ["predict.json", "predicted.extxyz"]
+    summary = json.loads((tmp_path / "out" / "predict.json").read_text())
+    assert summary["state"] == relaxed_state(packing_system, packing_relaxed.positions)
+    assert summary["verify"]["position_error_max"] == check.position_error_max
+    assert summary["energy"]["second_order"] == prediction.energy_second
+    assert summary["validity"]["radius_up"] == validity.radius_up and summary["validity"]["within"]
+    atoms = ase.io.read(tmp_path / "out" / "predicted.extxyz")
+    np.testing.assert_allclose(atoms.positions[:, :2], prediction.positions, atol=1e-8)
+    np.testing.assert_allclose(atoms.arrays["predicted_displacement"][:, :2], prediction.dx, atol=1e-8)
+    assert atoms.info["diameter.B"] == pytest.approx(0.5996)
 
 
 @pytest.fixture(scope="module")
