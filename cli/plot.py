@@ -55,8 +55,10 @@ def plot(
     ] = None,
 ) -> None:
     """Draw PNG figures of a run: atoms coloured by species with dx*/dθ arrows (x-y projection
-    or a z slice in 3-D), a histogram of |dx*/dθ| per species, and |dx*/dθ| against the distance
-    from an atom, point or defect. Reads the run's files; runs no physics."""
+    or a z slice in 3-D), a histogram of |dx*/dθ| per species, |dx*/dθ| against the distance
+    from an atom, point or defect, and, after `mdsens sensitivity --observable Q --per-particle`,
+    the atoms coloured by dQ/d(diameter[i]), the derivative of Q by each particle's own value
+    (observable-Q-diameter.png). Reads the run's files; runs no physics."""
 
     def action():
         from mdsens.plot import plot_run
