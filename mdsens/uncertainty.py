@@ -407,8 +407,8 @@ def _sample_params(system: System, covariance: ParameterCovariance, delta: np.nd
 
 
 class _Engines:
-    """A relaxer, and the observables and displacement function of its system, for every list
-    size the samples need (a longer neighbour list for parameters that reach further)."""
+    """A relaxer, and the compiled observables of its system, for every list size the samples
+    need (a longer neighbour list for parameters that reach further)."""
 
     def __init__(self, relaxer: Relaxer, observable_names: Sequence[str]):
         self.names = list(observable_names)
