@@ -42,10 +42,16 @@ MANIFEST = "manifest.json"
 FORMAT = "mdsens-run/1"
 COMMIT = "COMMIT"
 STAGE_PREFIX = ".stage-"
-STAGES = ("relax", "sensitivity", "figures", "check", "export")
+STAGES = ("relax", "sensitivity", "figures", "check", "export", "uncertainty", "predict")
 # Besides files of the same names, the earlier files that a new stage replaces: a relaxation
-# replaces everything (a new state), new sensitivities the figures drawn from the old ones.
-REPLACES = {"relax": set(STAGES), "sensitivity": {"sensitivity", "figures"}}
+# replaces everything (a new state), new sensitivities the figures drawn from the old ones, a new
+# uncertainty (or prediction) the old one's files, including a figure the new one does not draw.
+REPLACES = {
+    "relax": set(STAGES),
+    "sensitivity": {"sensitivity", "figures"},
+    "uncertainty": {"uncertainty"},
+    "predict": {"predict"},
+}
 # Test hook: "PHASE:FILE" makes a commit stop at PHASE ("staging": some files staged, nothing
 # committed; "applying": committed, one file moved in) until FILE exists, so that a test can
 # kill the process there. Never set outside tests.
