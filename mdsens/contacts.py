@@ -25,6 +25,7 @@ def contact_graph(system: System, x, params):
 
     All pairs as an (N, N) grid without a neighbour list (the diagonal is never touching),
     the listed pairs (padding never touching) with one."""
+    x = jnp.asarray(x)
     metric = metric_from(system.displacement)
     types = jnp.asarray(system.types)
     potential = system.potential
@@ -40,6 +41,9 @@ def contact_graph(system: System, x, params):
         return i, j, (distances < reach(i, j)) & (i != j)
     i, j = system.pair_list.at(x).idx
     valid = i < x.shape[0]
+    # Padding slots hold index N: point them at particle 0 (masked by `valid`), which also keeps
+    # eager NumPy-style indexing in range outside jit.
+    i, j = jnp.where(valid, i, 0), jnp.where(valid, j, 0)
     distances = jax.vmap(metric)(x[i], x[j])
     return i, j, valid & (distances < reach(i, j))
 
