@@ -190,7 +190,12 @@ def _same_table(run, reference_run):
     assert len(rows) == len(reference)
     for row, ref in zip(rows, reference, strict=True):
         for key in ref:
-            if key == "wall_time":
+            # Timings, and the solve diagnostics of states relaxed to round-off: max|F| and the
+            # CG residuals are round-off themselves (1e-3 apart relative at max|F| ~ 1e-12).
+            if key == "wall_time" or key.startswith(("iterations_", "residual_")):
+                continue
+            if key == "max_force":
+                assert abs(float(row[key]) - float(ref[key])) <= 1e-14
                 continue
             try:
                 expected = float(ref[key])
