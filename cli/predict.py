@@ -125,9 +125,14 @@ def _print_validity(validity, crossings) -> None:
     out.print(f"  validity radius along the step: {radius:.3g} steps ({escape(limit.describe())})")
     what = []
     if crossings:
-        pairs = ", ".join(f"{c.pair[0]}-{c.pair[1]}" for c in crossings[:SHOWN_CROSSINGS])
+        # Soft-sphere contacts by their pair; the ends of a Lennard-Jones or Morse switch named.
+        pairs = ", ".join(
+            f"{c.pair[0]}-{c.pair[1]}" + ("" if c.radius == "contact" else f" ({c.radius}·σ)")
+            for c in crossings[:SHOWN_CROSSINGS]
+        )
         more = f" and {len(crossings) - SHOWN_CROSSINGS} more" if len(crossings) > SHOWN_CROSSINGS else ""
-        what.append(f"contacts {pairs}{more} predicted to change")
+        kind = "contacts" if all(c.radius == "contact" for c in crossings) else "pairs"
+        what.append(f"{kind} {pairs}{more} predicted to change")
     if validity.mode_up.distance <= 1.0:
         what.append(f"{validity.mode_up.describe()} predicted to reach zero")
     factor = f"{1.0 / radius:.3g}×" if radius > 0 else "infinitely many times"

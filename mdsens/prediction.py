@@ -34,7 +34,7 @@ import numpy as np
 from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
 from mdsens.parameters import directional, parameter_names, parameter_value
-from mdsens.potentials import ATOM, PAIR, mix, pair_tables
+from mdsens.potentials import PAIR, mix, pair_tables
 from mdsens.recipe import apply_overrides
 from mdsens.references import crossings, without_null_space
 from mdsens.relaxation import Relaxer, RelaxResult
@@ -43,6 +43,7 @@ from mdsens.system import System, build_system
 
 # Recipe keys that name a value rather than the physics: they may differ freely.
 _DESCRIPTIVE = {("name",), ("description",)}
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,7 @@ def _is_parameter(system: System, key: tuple) -> bool:
     )
 
 
-def parameter_step(
-    system: System, overrides: list[str] | tuple[str, ...], params: dict | None = None
-) -> ParameterStep:
+def parameter_step(system: System, overrides: list[str] | tuple[str, ...]) -> ParameterStep:
     """Δθ from ``KEY=VALUE`` overrides of the system's recipe (``species.B.diameter=0.62``).
 
     The recipe with the overrides is built into a system of its own (so every value is checked
@@ -95,17 +94,16 @@ def parameter_step(
     (``box.packing_fraction``), whose rebuilt box is not used.
 
     Args:
-        system: the system of the relaxed state.
+        system: the system of the relaxed state; θ₀ is ``system.params``.
         overrides: the ``--set`` strings; every key must name a potential parameter value
             (``potential.epsilon``, ``species.B.diameter``, ``pairs.A-B.diameter``).
-        params: θ₀ (default ``system.params``).
 
     Raises:
         UserError: a malformed override or invalid value, a key that is not a potential
             parameter (a setting, the box, the positions, the minimiser, ...), a different
             number or kind of particles, or no parameter that changes.
     """
-    params = system.params if params is None else params
+    params = system.params
     if not overrides:
         raise UserError("give the parameter change with --set KEY=VALUE (e.g. --set species.B.diameter=0.62)")
     recipe = apply_overrides(system.recipe, list(overrides))
@@ -126,8 +124,6 @@ def parameter_step(
             "the overrides change the particles or their species: predict changes parameters only"
         )
     params1 = _in_convention(system, other)
-    if ATOM in params:  # per-particle offsets are not recipe values: they stay as they are
-        params1[ATOM] = params[ATOM]
     delta = jax.tree_util.tree_map(lambda a, b: jnp.asarray(a) - jnp.asarray(b), params1, params)
     changes = {}
     for name in parameter_names(other):
@@ -137,9 +133,6 @@ def parameter_step(
     if not changes:
         raise UserError(f"--set {' '.join(overrides)} changes no parameter value: nothing to predict")
     return ParameterStep(params=params1, delta=delta, changes=changes)
-
-
-_MISSING = object()
 
 
 def _in_convention(system: System, other: System) -> dict:
@@ -170,8 +163,9 @@ class Prediction:
         energy_second: energy_first + ½ d²E*/dt² (see the module docstring).
         slope: dE*/dt = ∂E/∂θ·Δθ.
         curvature: d²E*/dt².
-        energy_by_name: ∂E/∂θ_name · Δθ_name, per parameter name that changes: the first-order
-            energy change split by parameter (sums to ``slope``).
+        energy_by_name: ∂E/∂θ_name · Δθ_name for each name given to :func:`predict`: the
+            first-order energy change split by parameter (every entry of Δθ belongs to one
+            name, so over all the names that change these sum to ``slope``).
         iterations, residual, converged: the linear solve's diagnostics.
         wall_time: seconds, compilation included.
     """
@@ -190,23 +184,10 @@ class Prediction:
     wall_time: float
 
 
-class _Identity:
-    """A system as a cache key by identity (systems hold arrays: they have no value hash)."""
-
-    def __init__(self, system: System):
-        self.system = system
-
-    def __hash__(self) -> int:
-        return id(self.system)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Identity) and other.system is self.system
-
-
+# A System hashes by identity (eq=False): one entry per system object.
 @functools.lru_cache(maxsize=8)
-def _compiled(key: _Identity, solver: str | None):
+def _compiled(system: System, solver: str | None):
     """(solve, energies, max force, rattlers) of one system, compiled once for every step."""
-    system = key.system
     condition = optimality_fn(system)
     linear_solve = linear_solve_from_recipe(system, solver)
 
@@ -262,7 +243,7 @@ def predict(
     """
     start = time.perf_counter()
     system = system.for_params(params, x)
-    solve, energies, force, _ = _compiled(_Identity(system), solver)
+    solve, energies, force, _ = _compiled(system, solver)
     x = jnp.asarray(x, dtype=jnp.float64)
     fmax = system.recipe["minimizer"]["fmax"]
     worst = float(force(x, params))
@@ -344,7 +325,7 @@ def _errors(system: System, x, params, reference, params1, other) -> tuple[float
     (x, params) removed and rattlers at either state left out."""
     difference = np.asarray(jax.vmap(system.displacement)(jnp.asarray(other), jnp.asarray(reference)))
     difference = without_null_space(system, x, params, difference)
-    rattlers = _compiled(_Identity(system), None)[3]
+    rattlers = _compiled(system, None)[3]
     free = np.asarray(rattlers(jnp.asarray(x), params)) | np.asarray(
         rattlers(jnp.asarray(reference), params1)
     )

@@ -85,10 +85,11 @@ class Limit:
         return out
 
     def describe(self) -> str:
-        """One phrase: what limits (``contact 19-44`` or ``mode 0 (λ = 0.03)``)."""
+        """One phrase: what limits (``contact 19-44``, ``pair 0-8 at r_cutoff·σ``, ``Hessian mode 0
+        (λ = 0.03)``)."""
         if self.kind == "contact":
-            what = "contact" if self.radius == "contact" else f"{self.radius} distance of"
-            return f"{what} {self.pair[0]}-{self.pair[1]}"
+            pair = f"{self.pair[0]}-{self.pair[1]}"
+            return f"contact {pair}" if self.radius == "contact" else f"pair {pair} at {self.radius}·σ"
         if self.kind == "mode":
             return f"Hessian mode {self.mode} (λ = {self.value:.3g})"
         return "nothing"
@@ -177,24 +178,11 @@ class Crossing:
     radius: str
 
 
-class _Identity:
-    """A system as a cache key by identity (systems hold arrays: they have no value hash)."""
-
-    def __init__(self, system: System):
-        self.system = system
-
-    def __hash__(self) -> int:
-        return id(self.system)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Identity) and other.system is self.system
-
-
+# A System hashes by identity (eq=False): one entry per system object.
 @functools.lru_cache(maxsize=16)
-def _compiled(key: _Identity):
+def _compiled(system: System):
     """The jitted pieces for one system: pairs, gaps with their rates, the projected Hessian,
     and the derivative of the Hessian along a tangent."""
-    system = key.system
     n = system.n_particles
     types = jnp.asarray(system.types)
     metric = jax.vmap(metric_from(system.displacement))
@@ -223,16 +211,14 @@ def _compiled(key: _Identity):
     def hvp(x, params, v):
         return jax.jvp(lambda y: jax.grad(system.energy_fn)(y, params), (x,), (v,))[1]
 
-    def projected_matrix(x, params, basis):
-        def column(v):
-            v = project_out(basis, v)
-            return project_out(basis, hvp(x, params, v.reshape(x.shape)).ravel())
-
-        return jax.lax.map(column, jnp.eye(x.size, dtype=x.dtype), batch_size=32)
-
     def projected_matvec(x, params, basis, v):
         v = project_out(basis, v)
         return project_out(basis, hvp(x, params, v.reshape(x.shape)).ravel())
+
+    def projected_matrix(x, params, basis):
+        # Columns in batches, as mdsens.spectrum does: a vmap over all n would hold n products.
+        column = functools.partial(projected_matvec, x, params, basis)
+        return jax.lax.map(column, jnp.eye(x.size, dtype=x.dtype), batch_size=32)
 
     def hessian_rates(x, params, dx, tangent, vectors):
         """(k, k): vₐᵀ (dH/dt) v_b along (dx, tangent) for the (k, N, d) ``vectors``."""
@@ -283,7 +269,7 @@ def lowest_modes(system: System, x, params, k: int = 4, *, dense_limit: int = DE
     if k <= 0:
         return Modes(np.zeros(0), np.zeros((0, *x.shape)), (), "none")
     system = system.for_params(params, x)
-    parts = _compiled(_Identity(system))
+    parts = _compiled(system)
     basis = parts["nullspace"](x, params)
     n = x.size
     if n <= dense_limit:
@@ -340,7 +326,7 @@ def _first(distances: np.ndarray) -> int | None:
 def _gaps(system: System, x, params, tangent, dx):
     """(i, j, names, gaps, rates): the followed pairs and, per non-smooth radius (rows), their
     gaps r − R at θ₀ and d/dt of them along (dx, tangent)."""
-    parts = _compiled(_Identity(system))
+    parts = _compiled(system)
     i, j, followed = parts["pairs"](x, params)
     gaps, rates = parts["gap_rates"](x, params, jnp.asarray(dx), tangent, i, j)
     followed = np.asarray(followed)
@@ -387,7 +373,7 @@ def mode_rates(system: System, x, params, tangent, dx, modes: Modes) -> np.ndarr
     group splits: the derivatives of its eigenvalues in ascending order for t > 0)."""
     system = system.for_params(params, x)
     x = jnp.asarray(x, dtype=jnp.float64)
-    parts = _compiled(_Identity(system))
+    parts = _compiled(system)
     rates = np.zeros(len(modes.values))
     for start, stop in modes.groups:
         vectors = jnp.asarray(modes.vectors[start:stop])
