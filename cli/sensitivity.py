@@ -146,6 +146,8 @@ def sensitivity(
             )
         for name, entry in result.parameters.items():
             out.print(f"  {escape(name):<14} = {entry.value:<8g} {_describe(entry)}")
+            if name in result.validity:
+                out.print(f"  {'':<25} {escape(_validity(result.validity[name]))}")
         if spectrum is None and not with_spectrum:
             out.print(
                 f"  Hessian spectrum skipped above {SPECTRUM_AUTO_LIMIT} degrees of freedom (--spectrum)"
@@ -221,6 +223,17 @@ def _print_observables(system, gradients) -> None:
             out.print(f"    dq/d({escape(key)}[i]), largest: {largest}")
         for warning in entry.warnings:
             err.print(f"[bold yellow]Warning:[/] {escape(warning)}")
+
+
+def _validity(validity) -> str:
+    """How far the parameter may move, each way, before the linear response stops holding."""
+
+    def side(sign: str, limit) -> str:
+        if limit.kind == "none":
+            return f"{sign}∞"
+        return f"{sign}{limit.distance:.3g} ({limit.describe()})"
+
+    return f"linear while Δθ in [{side('−', validity.down)}, {side('+', validity.up)}]"
 
 
 def _describe(entry) -> str:

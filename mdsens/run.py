@@ -71,6 +71,7 @@ from mdsens.run_paths import (  # noqa: F401
 )
 from mdsens.sensitivity import ParameterSensitivity, SensitivityResult
 from mdsens.system import System, build_system
+from mdsens.validity import Validity
 
 
 def versions() -> dict[str, str]:
@@ -230,7 +231,7 @@ def _energy_key(parameter: str) -> str:
     return "dE_d_" + _column_safe(parameter)
 
 
-def _parameter_summary(name: str, entry: ParameterSensitivity) -> dict:
+def _parameter_summary(name: str, entry: ParameterSensitivity, validity: Validity | None) -> dict:
     return {
         "value": entry.value,
         "denergy": entry.denergy,
@@ -246,6 +247,8 @@ def _parameter_summary(name: str, entry: ParameterSensitivity) -> dict:
         "residual": None if entry.exactly_zero else entry.residual,
         "converged": entry.converged,
         "wall_time": entry.wall_time,
+        # How far θ may move, in its units, before a contact or the Hessian's positivity changes.
+        "validity": None if validity is None else validity.to_json(),
     }
 
 
@@ -400,7 +403,9 @@ def save_sensitivity(
             "hessian_spectrum": spectrum,
             "warnings": result.warnings,
             "wall_time": result.wall_time,
-            "parameters": {name: _parameter_summary(name, e) for name, e in entries.items()},
+            "parameters": {
+                name: _parameter_summary(name, e, result.validity.get(name)) for name, e in entries.items()
+            },
             "versions": versions(),
         }
         contents = {

@@ -26,6 +26,7 @@ from mdsens.parameters import directional, expand_parameters, parameter_value, u
 from mdsens.relaxation import Relaxer, RelaxResult
 from mdsens.spectrum import Spectrum, lowest_eigenvalues
 from mdsens.system import System
+from mdsens.validity import Validity, validity_radii
 
 # A derivative larger than this many box lengths per unit parameter is not physics but a failed
 # solve (an inconsistent system returns values of order 1e18).
@@ -193,6 +194,9 @@ class SensitivityResult:
     particles whose position is not determined: their degrees of freedom are removed from the
     solve and their dx*/dθ is 0 (masked, not computed). ``spectrum`` holds the lowest Hessian
     eigenvalues off the null space, and ``warnings`` says what looks wrong and what to do.
+    ``validity`` gives, per parameter, how far it can move before the linearisation stops
+    holding (a contact opens or closes, or a Hessian eigenvalue reaches zero; see
+    :mod:`mdsens.validity`); the Hessian criterion only where the spectrum was computed.
     """
 
     parameters: dict[str, ParameterSensitivity]
@@ -203,6 +207,7 @@ class SensitivityResult:
     rattlers: np.ndarray
     spectrum: Spectrum | None
     warnings: list[str]
+    validity: dict[str, Validity] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,6 +342,9 @@ class Sensitivity:
         if spectrum:
             matvec = implicit.hessian_matvec(optimality_fn(system), x, params)
             lowest = lowest_eigenvalues(matvec, x.size, nullspace)
+        # The Hessian criterion needs eigenvectors: only where the spectrum is wanted (affordable).
+        dx = {name: entry.dx for name, entry in out.items()}
+        validity = validity_radii(system, x, params, dx, k=4 if spectrum else 0)
         return SensitivityResult(
             parameters=out,
             max_force=force,
@@ -347,6 +355,7 @@ class Sensitivity:
             rattlers=rattlers,
             spectrum=lowest,
             warnings=_warnings(rattlers, lowest, force, fmax) + _unresolved(out),
+            validity=validity,
         )
 
 
