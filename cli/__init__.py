@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from . import check, export, paper, plot, relax, sensitivity, systems
+from . import check, design, ensemble, export, paper, plot, predict, relax, sensitivity, systems, uncertainty
 
 app = typer.Typer(
     name="mdsens",
@@ -38,6 +38,10 @@ app = typer.Typer(
 for _command in (
     relax.relax,
     sensitivity.sensitivity,
+    uncertainty.uncertainty,
+    predict.predict,
+    design.design,
+    ensemble.ensemble,
     plot.plot,
     check.check,
     export.export,
@@ -52,23 +56,26 @@ for _command in (
 
 # The commands that compile JAX functions; the others (plot, export, systems) must start without
 # touching an accelerator.
-COMPILING = ("relax", "sensitivity", "check", "paper")
+COMPILING = ("relax", "sensitivity", "uncertainty", "predict", "design", "ensemble", "check", "paper")
 
 
 @app.callback()
 def _compilation_cache(ctx: typer.Context) -> None:
     """Keep compiled functions on disk, so a second run of the same system shape starts fast.
 
-    On by default on GPU and TPU. Off on CPU: jaxlib 0.10 rejects its own CPU cache entries on
-    reload and logs an error for each (jax issue 38445), so the cache would only cost time.
-    MDSENS_COMPILATION_CACHE=DIR turns it on anywhere, MDSENS_COMPILATION_CACHE="" off.
+    On by default on GPU and TPU (for ``ensemble`` only by the variable below). Off on CPU:
+    jaxlib 0.10 rejects its own CPU cache entries on reload and logs an error for each (jax issue
+    38445), so the cache would only cost time. MDSENS_COMPILATION_CACHE=DIR turns it on
+    anywhere, MDSENS_COMPILATION_CACHE="" off.
     """
     if ctx.invoked_subcommand not in COMPILING:
         return
     import jax
 
     directory = os.environ.get("MDSENS_COMPILATION_CACHE")
-    if directory is None and jax.default_backend() != "cpu":
+    # Asking for the backend starts JAX, which `ensemble` must not do before it may call
+    # jax.distributed.initialize: there the cache is on only by MDSENS_COMPILATION_CACHE.
+    if directory is None and ctx.invoked_subcommand != "ensemble" and jax.default_backend() != "cpu":
         directory = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mdsens" / "jax")
     if directory:
         jax.config.update("jax_compilation_cache_dir", directory)
