@@ -4,9 +4,9 @@ A bilevel optimisation. The inner problem is the relaxation (:class:`mdsens.rela
 warm-started from the previous outer step's x* (or, with ``start="initial"``, from the system's
 initial positions every time, so that x*(θ) is the same map that relaxed the system, and a target
 relaxed from those positions is reachable). The outer gradient dL/dθ is the implicit reverse-mode
-gradient through :func:`mdsens.sensitivity.relaxed_positions_fn`: one adjoint solve per outer
-step, whatever the number of parameters (every particle's diameter included). The outer
-optimiser is optax's Adam or L-BFGS.
+one at the relaxed state (:func:`mdsens.implicit.root_vjp`): one adjoint solve per outer step,
+whatever the number of parameters (every particle's diameter included), and the minimiser's
+steps are never differentiated or stored. The outer optimiser is optax's L-BFGS or Adam.
 
 Design variables live in a transformed space that keeps every value positive: z = log θ for each
 named parameter (``diameter.B``, ``sigma``, ``epsilon``), and z_i = log of particle i's own value
@@ -14,18 +14,23 @@ for per-particle parameters (whose offset θ['atom'][key][i] is then exp(z_i) �
 value).
 
 Honest bilevel: every trial step is recorded (:class:`DesignStep`). A trial is rejected, and the
-step halved (up to ``max_backtracks`` times), when its inner relaxation does not converge (or the
-implicit gradient fails), when it jumped to another basin, or, for L-BFGS, when the loss rose.
-A basin jump is a change of the contact network (:meth:`mdsens.system.System.contact_changes`)
-together with a loss that misses its first-order prediction L + ∇L·Δz by more than the predicted
-change itself: a contact that forms or breaks on a continuous path of x*(θ) changes the loss
-smoothly and is accepted (and recorded), a jump to another minimum is not. Potentials without
-contacts (Lennard-Jones, Morse) have no contact network: their jumps are not detected. A design
-never continues from an unconverged inner state: when no step is acceptable it stops and says why.
+step halved (up to ``max_backtracks`` times), when its inner relaxation or its adjoint solve does
+not converge, when it jumped to another basin, or, for L-BFGS, when the loss rose. A basin jump is
+a change of the contact network (:meth:`mdsens.system.System.contact_changes`) together with a
+loss that misses its first-order prediction L + ∇L·Δz by more than the predicted change itself:
+a contact that forms or breaks on a continuous path of x*(θ) changes the loss smoothly and is
+accepted (and recorded), a jump to another minimum is not. Potentials without contacts
+(Lennard-Jones, Morse) have no contact network: their jumps are not detected. A design never
+continues from an unconverged inner state: when no step is acceptable it stops and says why.
+
+A local method reaches only the start's basin: x*(θ) is piecewise smooth, and a target relaxed
+in another basin (another contact network) is out of reach of any gradient, however exact
+(docs/design.md shows one, and how narrow a basin can be).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -36,25 +41,41 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
 from mdsens.observables import Observable, parse_observable, user_observable
 from mdsens.parameters import expand_parameters, parameter_value, per_particle_keys, unit_tangent
 from mdsens.potentials import ATOM
 from mdsens.relaxation import Relaxer
-from mdsens.sensitivity import relaxed_positions_fn
+from mdsens.sensitivity import optimality_fn
 from mdsens.system import System
 
 OPTIMIZERS = ("adam", "lbfgs")
 STARTS = ("warm", "initial")
+# Adam's rate is a step length per log-value (1 %); L-BFGS's scales its quasi-Newton step, whose
+# natural length is 1 (a smaller rate shrinks every step and the design crawls).
+DEFAULT_RATES = {"adam": 0.01, "lbfgs": 1.0}
+# Curvature pairs L-BFGS keeps: with optax's 10 a per-particle design (one variable per particle)
+# crawls (the 128-particle packing, 60 steps: the loss from 3.7e-8 to 1.4e-11 with 10, to 8.6e-13
+# with 50); the pairs are vectors the size of z, small beside one relaxation.
+LBFGS_MEMORY = 50
 Loss = Callable[[jax.Array, dict], jax.Array]
 
 
 # --- design variables -----------------------------------------------------------------------------
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["base", "start", "tangents"],
+    meta_fields=["system", "names", "per_particle"],
+)
 @dataclass(frozen=True, eq=False)
 class Variables:
     """The design variables z and the parameters θ(z) they stand for.
+
+    A pytree: its arrays (``base``, ``start``, ``tangents``) are leaves and the rest is static, so
+    a compiled gradient is reused by every design of the same system, names and shapes.
 
     Attributes:
         system: the system.
@@ -62,7 +83,7 @@ class Variables:
         per_particle: species-level parameters optimised per particle (``diameter``), as the log
             of each particle's own value.
         base: θ the design starts from; per-particle offsets present for ``per_particle``.
-        start: the named values in ``base``.
+        start: (P,) the named values in ``base``.
         tangents: the unit direction in θ of each name (:func:`mdsens.parameters.unit_tangent`).
     """
 
@@ -70,7 +91,7 @@ class Variables:
     names: tuple[str, ...]
     per_particle: tuple[str, ...]
     base: dict = field(repr=False)
-    start: tuple[float, ...] = field(repr=False)
+    start: jax.Array = field(repr=False)
     tangents: tuple[dict, ...] = field(repr=False)
 
     @property
@@ -85,9 +106,9 @@ class Variables:
 
     def initial(self) -> jax.Array:
         """z of ``base``."""
-        named = [math.log(v) for v in self.start]
+        named = np.log(np.asarray(self.start, dtype=np.float64))
         own = [np.log(np.asarray(self.particle_values(self.base, k))) for k in self.per_particle]
-        return jnp.asarray(np.concatenate([np.asarray(named, dtype=np.float64), *own]), dtype=jnp.float64)
+        return jnp.asarray(np.concatenate([named, *own]), dtype=jnp.float64)
 
     def particle_values(self, params: dict, key: str) -> jax.Array:
         """(N,) every particle's own value of ``key``: its species value plus its offset."""
@@ -100,10 +121,8 @@ class Variables:
         offset set so that its own value is exp(z_i)."""
         p = len(self.names)
         params = self.base
-        # Values and directions are fixed numbers computed once: reading them from ``base`` here
-        # would stage indexing ops under jit, and parameter_value needs concrete values.
-        for k, (value, tangent) in enumerate(zip(self.start, self.tangents, strict=True)):
-            delta = jnp.exp(z[k]) - value
+        for k, tangent in enumerate(self.tangents):
+            delta = jnp.exp(z[k]) - self.start[k]
             params = jax.tree_util.tree_map(lambda a, t, d=delta: a + d * t, params, tangent)
         n = self.system.n_particles
         atom = dict(params.get(ATOM, {}))
@@ -151,9 +170,9 @@ def variables(
         for key in keys:
             atom.setdefault(key, jnp.zeros(system.n_particles, dtype=jnp.float64))
         params = {**params, ATOM: atom}
-    start = tuple(parameter_value(system, params, name) for name in names)
+    start = jnp.asarray([parameter_value(system, params, name) for name in names], dtype=jnp.float64)
     tangents = tuple(unit_tangent(system, name, params) for name in names)
-    out = Variables(system, names, keys, params, start, tangents)
+    out = Variables(system, names, keys, params, start.reshape(len(names)), tangents)
     for name in names:
         if not parameter_value(system, params, name) > 0:
             raise UserError(
@@ -248,6 +267,37 @@ def user_loss(system: System, spec: str) -> Loss:
 # --- the outer loop -------------------------------------------------------------------------------
 
 
+def _adjoint_solve(system: System) -> implicit.LinearSolve:
+    """The recipe's linear solve without an absolute tolerance: the adjoint's right-hand side
+    ∂L/∂x has the units of the loss per length, not of a force, so the forward solve's noise
+    floor (:func:`mdsens.sensitivity.solve_atol`) does not apply; with it, a small cotangent near
+    the optimum would be dropped and the gradient reported as exactly zero."""
+    settings = system.recipe["sensitivity"]
+    if settings["solver"] == "dense":
+        return implicit.dense()
+    return implicit.cg(tol=settings["tol"], maxiter=settings["maxiter"] or None)
+
+
+def _value_and_gradient(system: System, loss: Loss, var: Variables, z, x):
+    """L(x, θ(z)) and dL/dz at x = x*(θ(z)), a state relaxed at θ(z), with the adjoint solve's
+    diagnostics: dL/dθ = ∂L/∂θ − (∂F/∂θ)ᵀ H⁺ P ∂L/∂x (one solve whatever the number of
+    parameters), pulled back to z. The relaxation is done before and outside: nothing here
+    iterates the minimiser."""
+    params, pullback = jax.vjp(var.params, z)
+    value, (loss_x, loss_theta) = jax.value_and_grad(loss, argnums=(0, 1))(x, params)
+    theta_bar, info = implicit.root_vjp(
+        optimality_fn(system), x, params, loss_x, _adjoint_solve(system), system.nullspace
+    )
+    (grad,) = pullback(jax.tree_util.tree_map(jnp.add, loss_theta, theta_bar))
+    return value, grad, info
+
+
+# Compiled once per (system, loss) and variable layout: a System hashes by identity, a loss by its
+# own hash (a function: identity), and Variables' arrays are arguments.
+_value_and_gradient_jit = jax.jit(_value_and_gradient, static_argnums=(0, 1))
+_params_jit = jax.jit(lambda var, z: var.params(z))
+
+
 @dataclass(frozen=True)
 class DesignStep:
     """One trial of the outer loop.
@@ -260,7 +310,7 @@ class DesignStep:
         values: parameter values at the trial (:meth:`Variables.values`).
         grad_norm: ‖dL/dz‖ (z the log values) at the trial.
         inner_steps: minimiser steps of its inner relaxation.
-        converged: whether the inner relaxation converged (and the gradient's solve succeeded).
+        converged: whether the inner relaxation and the gradient's adjoint solve converged.
         contact_changes: particles whose contacts differ from the last accepted state.
         basin_jump: a contact change with a loss off its first-order prediction (rejected).
         note: why a trial was rejected, or what happened; "" for a plain accepted step.
@@ -292,10 +342,11 @@ class DesignResult:
         grad_norm: final ‖dL/dz‖.
         history: every trial, in order.
         reason: why the loop stopped, one sentence.
-        converged: stopped on ``tol`` or ``gtol``.
+        converged: stopped on ``tol``, ``gtol`` or ``xtol`` (not on the step count, nor because
+            no step was acceptable).
         steps: accepted outer steps.
-        compilations: how many times the value-and-gradient was compiled (one per neighbour-list
-            shape).
+        engines: relaxation engines used: one, or more where θ's interaction range outgrew the
+            neighbour list (each compiles its relaxation and gradient once).
         wall_time: seconds, compilation included.
     """
 
@@ -309,7 +360,7 @@ class DesignResult:
     reason: str
     converged: bool
     steps: int
-    compilations: int
+    engines: int
     wall_time: float
 
 
@@ -317,16 +368,17 @@ class _Failed(Exception):
     """A trial whose inner relaxation or gradient failed."""
 
 
-def _optimizer(optimizer, learning_rate: float) -> tuple[optax.GradientTransformation, bool]:
+def _optimizer(optimizer, learning_rate: float | None) -> tuple[optax.GradientTransformation, bool]:
     """(transformation, monotone): monotone optimisers accept only steps that lower the loss."""
     if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        rate = DEFAULT_RATES[optimizer] if learning_rate is None else learning_rate
         if optimizer == "adam":
-            return optax.adam(learning_rate), False
-        if optimizer == "lbfgs":
-            # No zoom line search: its trial points run inside one compiled call, where an inner
-            # relaxation that fails aborts the whole update. The backtracking here replaces it.
-            return optax.lbfgs(learning_rate=learning_rate, linesearch=None), True
-        raise UserError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+            return optax.adam(rate), False
+        # No zoom line search: its trial points run inside one compiled call, where an inner
+        # relaxation that fails aborts the whole update. The backtracking here replaces it.
+        return optax.lbfgs(learning_rate=rate, memory_size=LBFGS_MEMORY, linesearch=None), True
     return optimizer, False
 
 
@@ -338,11 +390,12 @@ def design(
     per_particle: Sequence[str] = (),
     params: dict | None = None,
     x0=None,
-    optimizer: str | optax.GradientTransformation = "adam",
-    learning_rate: float = 0.01,
+    optimizer: str | optax.GradientTransformation = "lbfgs",
+    learning_rate: float | None = None,
     steps: int = 50,
     tol: float = 0.0,
     gtol: float = 0.0,
+    xtol: float = 1e-10,
     max_step: float = 0.1,
     max_backtracks: int = 8,
     start: str = "warm",
@@ -351,20 +404,38 @@ def design(
 ) -> DesignResult:
     """Minimise ``loss(x*(θ), θ)`` over the parameters ``names`` (and per-particle values).
 
+    Each outer step: the optimiser proposes a step in z = log θ (cut to ``max_step``); the inner
+    relaxation at the new θ gives x*; the trial is accepted unless it fails, jumps basin or (for
+    L-BFGS) raises the loss, in which case the step is halved. The gradient at an accepted state
+    is the implicit one: one adjoint solve at x*, compiled once per system, loss and variable
+    layout (a second design of the same kind reuses it).
+
+    The loop stops, converged, when the loss is at most ``tol``, when ‖dL/dz‖ is at most
+    ``gtol``, or when the optimiser's proposed step changes no log-value by more than ``xtol``
+    (for L-BFGS, whose step estimates the distance to the minimum, θ is then known to about
+    ``xtol`` relative), or when no step larger than ``xtol`` lowers the loss (it is at its
+    numerical floor: the inner relaxation's and the target's precision). It stops unconverged
+    after ``steps`` accepted steps, or when ``max_backtracks`` halvings find no acceptable step
+    for another reason (failed relaxations, basin jumps).
+
     Args:
         system: the system (its recipe gives the relaxation and the linear solve).
         loss: ``loss(x, params) -> scalar``, traceable by JAX (:func:`target_loss`,
-            :func:`observable_loss`, :func:`user_loss`, or any).
+            :func:`observable_loss`, :func:`user_loss`, or any); hashable (a function is):
+            the compiled gradient is cached by it.
         names: ``--param`` names (``diameter`` expands to every species).
         per_particle: species-level parameters to design per particle (``diameter``).
         params: θ to start from (default the system's).
-        x0: a relaxed state at ``params`` to warm-start from (default: relaxed here from the
-            system's positions).
-        optimizer: ``adam``, ``lbfgs`` or any optax transformation (used as a first-order one).
-        learning_rate: the optimiser's (Adam: step per log-value; L-BFGS: scale of its step).
+        x0: where the first inner relaxation starts (default the system's positions; pass a
+            relaxed state at ``params`` to start from it at no cost).
+        optimizer: ``lbfgs``, ``adam`` or any optax transformation (used as a first-order one:
+            no monotone check).
+        learning_rate: Adam's step per log-value (default 0.01); L-BFGS's scale of its
+            quasi-Newton step (default 1, its natural length).
         steps: most accepted outer steps.
         tol: stop when the loss is at most this.
         gtol: stop when ‖dL/dz‖ is at most this.
+        xtol: stop when a proposed or acceptable step changes no log-value by more than this.
         max_step: largest change of any log-value in one step (0.1: 10 %), the trust region
             every proposed step is cut to.
         max_backtracks: most halvings of one step before the design stops.
@@ -379,45 +450,36 @@ def design(
     """
     if int(steps) != steps or steps < 1:
         raise UserError(f"the number of outer steps must be a positive integer, not {steps}")
-    if not learning_rate > 0 or not max_step > 0:
+    if (learning_rate is not None and not learning_rate > 0) or not max_step > 0:
         raise UserError("the learning rate and the largest step must be positive")
+    if not xtol >= 0 or not gtol >= 0:
+        raise UserError("xtol and gtol must be non-negative")
     if start not in STARTS:
         raise UserError(f"unknown start {start!r}; known: {', '.join(STARTS)}")
     began = time.perf_counter()
     opt, monotone = _optimizer(optimizer, learning_rate)
     var = variables(system, names, per_particle, params)
     relaxer = Relaxer(system) if relaxer is None else relaxer
-    compiled: dict = {}
-
-    def value_and_grad(engine: Relaxer):
-        if engine not in compiled:
-            x_star = relaxed_positions_fn(engine.system, engine)
-
-            def objective(z, x_start):
-                p = var.params(z)
-                x = x_star(p, x_start)
-                return loss(x, p), x
-
-            compiled[engine] = jax.jit(jax.value_and_grad(objective, has_aux=True))
-        return compiled[engine]
-
+    engines: set[Relaxer] = set()
     initial_positions = jnp.asarray(system.positions)
 
     def evaluate(z, x_start):
         """(loss, gradient, x*, inner steps, engine) at z, relaxed from x_start."""
-        p = var.params(z)
+        p = _params_jit(var, z)
         engine = relaxer.for_params(p, x_start)
+        engines.add(engine)
         relaxed = engine.relax(p, x_start)
         if not relaxed.converged:
             raise _Failed(f"inner relaxation did not converge ({relaxed.reason})", relaxed.steps)
-        try:
-            (value, x), grad = value_and_grad(engine)(z, jnp.asarray(relaxed.positions))
-            value, grad = float(value), np.asarray(grad)
-        except Exception as error:  # noqa: BLE001 - a failed solve surfaces as a JAX runtime error
-            text = str(error).strip().splitlines()
+        x = jnp.asarray(relaxed.positions)
+        value, grad, info = _value_and_gradient_jit(engine.system, loss, var, z, x)
+        value, grad = float(value), np.asarray(grad)
+        if not bool(info.converged):
             raise _Failed(
-                f"gradient failed: {text[0] if text else type(error).__name__}", relaxed.steps
-            ) from None
+                f"the adjoint solve did not converge (residual {float(info.residual):.2g} after"
+                f" {int(info.iterations)} iterations)",
+                relaxed.steps,
+            )
         if not (math.isfinite(value) and np.all(np.isfinite(grad))):
             raise _Failed("loss or gradient not finite", relaxed.steps)
         return value, grad, np.asarray(x), relaxed.steps, engine
@@ -455,12 +517,24 @@ def design(
             break
         updates, new_state = opt.update(jnp.asarray(grad), state, z)
         updates = np.asarray(updates)
+        if monotone and not np.dot(grad, updates) < 0:
+            # Curvature pairs spoilt by the loss's noise (sᵀy ≤ 0) can point L-BFGS uphill:
+            # forget them and start again from a scaled gradient step.
+            state = opt.init(z)
+            updates, new_state = opt.update(jnp.asarray(grad), state, z)
+            updates = np.asarray(updates)
         largest = float(np.max(np.abs(updates)))
+        if largest <= xtol:
+            reason = f"the optimiser's step {largest:.3g} is below xtol {xtol:.3g}; the loss is {value:.3g}"
+            done = True
+            break
         if largest > max_step:
-            updates = updates * (max_step / largest)
-        scale, moved = 1.0, False
-        p_now = var.params(z)
+            updates, largest = updates * (max_step / largest), max_step
+        scale, moved, rose = 1.0, False, True
+        p_now = _params_jit(var, z)
         for attempt in range(max_backtracks + 1):
+            if attempt and scale * largest <= xtol:
+                break  # a step this small cannot be told from the loss's rounding
             z_try = z + scale * jnp.asarray(updates)
             step_try = accepted + 1
             x_from = x if start == "warm" else initial_positions
@@ -483,9 +557,9 @@ def design(
                         note,
                     )
                 )
-                scale /= 2
+                scale, rose = scale / 2, False
                 continue
-            changes = int(np.sum(eng.system.contact_changes(x, p_now, xt, var.params(z_try))))
+            changes = int(np.sum(eng.system.contact_changes(x, p_now, xt, _params_jit(var, z_try))))
             predicted = float(np.dot(grad, scale * updates))
             off = abs(v - value - predicted)
             jump = changes > 0 and off > max(abs(predicted), 1e-8 * abs(value))
@@ -495,6 +569,7 @@ def design(
                     f"basin jump: {changes} particles changed contacts and the loss moved"
                     f" {v - value:.3g} against a first-order {predicted:.3g}"
                 )
+                rose = False
             elif monotone and v > value:
                 note = f"loss rose from {value:.6g} to {v:.6g}"
             else:
@@ -513,12 +588,20 @@ def design(
                 )
             )
             scale /= 2
-        if not moved:
+        if moved:
+            continue
+        if rose and scale * largest <= xtol:
+            reason = (
+                f"no step larger than xtol {xtol:.3g} lowers the loss {value:.3g}: it is at its"
+                " numerical floor"
+            )
+            done = True
+        else:
             reason = (
                 f"no acceptable step after {max_backtracks} halvings at outer step {accepted + 1}"
                 f" (last: {history[-1].note}); the loss is {value:.3g}"
             )
-            break
+        break
     final = var.params(z)
     return DesignResult(
         params=final,
@@ -531,6 +614,6 @@ def design(
         reason=reason,
         converged=done,
         steps=accepted,
-        compilations=len(compiled),
+        engines=len(engines),
         wall_time=time.perf_counter() - began,
     )
