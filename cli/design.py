@@ -65,17 +65,29 @@ Optimizer = Annotated[
     str, typer.Option("--optimizer", metavar="NAME", help="Outer optimiser: adam or lbfgs.")
 ]
 LearningRate = Annotated[
-    float,
+    float | None,
     typer.Option(
         "--learning-rate",
         metavar="RATE",
-        help="Adam: step per log-value; L-BFGS: scale of its quasi-Newton step (1 is natural).",
+        help="Adam: step per log-value (default 0.01); L-BFGS: scale of its quasi-Newton step "
+        "(default 1, its natural length).",
+        show_default=False,
     ),
 ]
 Steps = Annotated[int, typer.Option("--steps", metavar="N", help="Most accepted outer steps.")]
 Tol = Annotated[float, typer.Option("--tol", metavar="LOSS", help="Stop when the loss is at most this.")]
 Gtol = Annotated[
     float, typer.Option("--gtol", metavar="NORM", help="Stop when |dL/d log θ| is at most this.")
+]
+Xtol = Annotated[
+    float,
+    typer.Option(
+        "--xtol",
+        metavar="DZ",
+        help="Stop when the optimiser's step changes no log-value by more than this (for L-BFGS, "
+        "whose step estimates the distance to the minimum: the parameters' relative precision), "
+        "or when no larger step lowers the loss (its numerical floor).",
+    ),
 ]
 MaxStep = Annotated[
     float,
@@ -101,10 +113,11 @@ def design(
     target_observable: TargetObservable = None,
     loss: LossFile = None,
     optimizer: Optimizer = "lbfgs",
-    learning_rate: LearningRate = 1.0,
+    learning_rate: LearningRate = None,
     steps: Steps = 50,
     tol: Tol = 0.0,
     gtol: Gtol = 0.0,
+    xtol: Xtol = 1e-10,
     max_step: MaxStep = 0.1,
     start: Start = "warm",
     run: RunOption = None,
@@ -118,8 +131,10 @@ def design(
     is recorded: loss, parameters, gradient norm, inner steps, convergence, contact changes. A
     trial whose inner relaxation fails, that jumps to another basin (contacts change and the
     loss leaves its first-order prediction) or, for L-BFGS, raises the loss is rejected and the
-    step halved. Writes history.csv, design.json, design.extxyz, system.toml (`mdsens relax
-    --system DIR/system.toml` reproduces the design) and three figures.
+    step halved. Stops on --tol, --gtol or --xtol (converged) or after --steps. Only the start's
+    basin is reachable: a target relaxed in another basin is not. Writes history.csv,
+    design.json, design.extxyz, system.toml (`mdsens relax --system DIR/system.toml` reproduces
+    the design) and three figures.
     """
 
     def action():
@@ -183,6 +198,7 @@ def design(
                 steps=steps,
                 tol=tol,
                 gtol=gtol,
+                xtol=xtol,
                 max_step=max_step,
                 start=start,
                 relaxer=Relaxer(system),
@@ -205,6 +221,7 @@ def design(
             "steps": steps,
             "tol": tol,
             "gtol": gtol,
+            "xtol": xtol,
             "max_step": max_step,
             "start": start,
         }

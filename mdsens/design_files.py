@@ -8,7 +8,7 @@ files or none; the directory is not a run and has no manifest of its own).
   ``diameter[min]``, ``diameter[max]``), and ``note``.
 * ``design.json``: the inputs, the final values (per-particle: every particle's), loss, gradient
   norm, reason for stopping, whether it converged, counts (steps, trials, rejected, basin jumps,
-  failed inner relaxations), compilations, wall time, versions.
+  failed inner relaxations), relaxation engines, wall time, versions.
 * ``design.extxyz``: the final relaxed structure, with per-atom ``type``, ``diameter`` (every
   particle's own value) and ``radius``, and the parameter values in the header.
 * ``system.toml``: the recipe at the final parameters with ``design.extxyz`` as its structure:
@@ -114,7 +114,7 @@ def design_summary(system: System, result: DesignResult, inputs: dict) -> dict:
         "basin_jumps": sum(e.basin_jump for e in trials),
         "failed_relaxations": sum(not e.converged for e in trials),
         "contact_changes_accepted": sum(e.contact_changes for e in trials if e.accepted),
-        "compilations": result.compilations,
+        "engines": result.engines,
         "wall_time": result.wall_time,
         "versions": versions(),
     }
