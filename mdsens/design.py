@@ -278,11 +278,18 @@ def _adjoint_solve(system: System) -> implicit.LinearSolve:
     return implicit.cg(tol=settings["tol"], maxiter=settings["maxiter"] or None)
 
 
-def _value_and_gradient(system: System, loss: Loss, var: Variables, z, x):
-    """L(x, θ(z)) and dL/dz at x = x*(θ(z)), a state relaxed at θ(z), with the adjoint solve's
-    diagnostics: dL/dθ = ∂L/∂θ − (∂F/∂θ)ᵀ H⁺ P ∂L/∂x (one solve whatever the number of
-    parameters), pulled back to z. The relaxation is done before and outside: nothing here
-    iterates the minimiser."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def value_and_gradient(system: System, loss: Loss, var: Variables, z, x):
+    """L(x, θ(z)), dL/dz and the adjoint solve's :class:`mdsens.implicit.SolveInfo`, at a state
+    ``x`` relaxed at θ(z) (``var.params(z)``): the outer gradient of one design step.
+
+    dL/dθ = ∂L/∂θ − (∂F/∂θ)ᵀ H⁺ P ∂L/∂x, one solve whatever the number of parameters, pulled
+    back to z. The relaxation is the caller's: nothing here iterates the minimiser. ``system``
+    must be the relaxation engine's (its neighbour list covers θ(z) and ``x``). Compiled once per
+    (system, loss) and variable layout: a System hashes by identity, a loss by its own hash (a
+    function: identity), and the variables' arrays are arguments. Raises nothing: check
+    ``SolveInfo.converged``.
+    """
     params, pullback = jax.vjp(var.params, z)
     value, (loss_x, loss_theta) = jax.value_and_grad(loss, argnums=(0, 1))(x, params)
     theta_bar, info = implicit.root_vjp(
@@ -292,9 +299,6 @@ def _value_and_gradient(system: System, loss: Loss, var: Variables, z, x):
     return value, grad, info
 
 
-# Compiled once per (system, loss) and variable layout: a System hashes by identity, a loss by its
-# own hash (a function: identity), and Variables' arrays are arguments.
-_value_and_gradient_jit = jax.jit(_value_and_gradient, static_argnums=(0, 1))
 _params_jit = jax.jit(lambda var, z: var.params(z))
 
 
@@ -472,7 +476,7 @@ def design(
         if not relaxed.converged:
             raise _Failed(f"inner relaxation did not converge ({relaxed.reason})", relaxed.steps)
         x = jnp.asarray(relaxed.positions)
-        value, grad, info = _value_and_gradient_jit(engine.system, loss, var, z, x)
+        value, grad, info = value_and_gradient(engine.system, loss, var, z, x)
         value, grad = float(value), np.asarray(grad)
         if not bool(info.converged):
             raise _Failed(
