@@ -30,6 +30,24 @@ Recipe = dict[str, Any]
 
 MINIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "fire": {"fmax": 1e-12, "max_steps": 100_000, "dt_start": 0.1, "dt_max": 0.4},
+    # FIRE 2.0 (mdsens/fire2.py). LAMMPS's dt_min (0.02 dt_start), dmax, f_inc, f_dec, f_alpha;
+    # measured on soft-sphere packings, JAX-MD's dt_max, alpha_start and delay instead of LAMMPS's
+    # 10 dt_start, 0.25 and 20 (see the module). newton_switch > 0 finishes with Newton-CG below
+    # that max|F| (0: never).
+    "fire2": {
+        "fmax": 1e-12,
+        "max_steps": 100_000,
+        "dt_start": 0.1,
+        "dt_max": 0.4,
+        "dt_min": 0.002,
+        "dmax": 0.1,
+        "n_delay": 5,
+        "f_inc": 1.1,
+        "f_dec": 0.5,
+        "alpha_start": 0.1,
+        "f_alpha": 0.99,
+        "newton_switch": 0.0,
+    },
     "gradient_descent": {"fmax": 1e-12, "max_steps": 1_000_000, "step_size": 0.05},
 }
 SENSITIVITY_DEFAULTS: dict[str, Any] = {"solver": "cg", "tol": 1e-12, "maxiter": 0}
@@ -302,6 +320,26 @@ def _resolve_potential(recipe: Recipe, out: Recipe):
         out["pairs"][pair] = {k: check.scale(v, f"pairs.{pair}.{k}") for k, v in entry.items()}
 
 
+def _minimizer_value(key: str, value: Any) -> Any:
+    """One checked value of the ``minimizer`` table."""
+    where = f"minimizer.{key}"
+    if key == "fmax":
+        return check.tolerance(value, where)
+    if key == "max_steps":
+        return check.integer(value, where, 1, check.MAX_STEPS)
+    if key == "n_delay":
+        return check.integer(value, where, 0, check.MAX_STEPS)
+    if key == "f_inc":
+        return check.real(value, where, 1.0, 10.0)
+    if key in ("f_dec", "alpha_start", "f_alpha"):
+        return check.fraction(value, where)
+    if key == "dmax":  # inf: no limit
+        return check.scale(value, where, infinite=True)
+    if key == "newton_switch":  # 0: no Newton finish
+        return check.real(value, where, 0.0, check.LARGEST)
+    return check.scale(value, where)  # time steps and step sizes
+
+
 def _resolve_methods(recipe: Recipe, out: Recipe) -> None:
     """The minimiser, the sensitivity solver and the neighbour-list settings."""
     minimizer = dict(_table(recipe, "minimizer"))
@@ -310,13 +348,14 @@ def _resolve_methods(recipe: Recipe, out: Recipe) -> None:
     _check_keys(minimizer, defaults, "minimizer.")
     out["minimizer"] = {"name": name}
     for key, default in defaults.items():
-        value, where = minimizer.get(key, default), f"minimizer.{key}"
-        if key == "fmax":
-            out["minimizer"][key] = check.tolerance(value, where)
-        elif key == "max_steps":
-            out["minimizer"][key] = check.integer(value, where, 1, check.MAX_STEPS)
-        else:  # time steps and step sizes
-            out["minimizer"][key] = check.scale(value, where)
+        out["minimizer"][key] = _minimizer_value(key, minimizer.get(key, default))
+    if name == "fire2":
+        steps = out["minimizer"]
+        if not steps["dt_min"] <= steps["dt_start"] <= steps["dt_max"]:
+            raise UserError(
+                "minimizer time steps must satisfy dt_min <= dt_start <= dt_max, got"
+                f" {steps['dt_min']:g}, {steps['dt_start']:g}, {steps['dt_max']:g}"
+            )
 
     sensitivity = {**SENSITIVITY_DEFAULTS, **_table(recipe, "sensitivity")}
     _check_keys(sensitivity, SENSITIVITY_DEFAULTS, "sensitivity.")
