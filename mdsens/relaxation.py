@@ -1,4 +1,13 @@
-"""Energy minimisation to a tight force tolerance: FIRE (JAX-MD) and gradient descent.
+"""Energy minimisation to a tight force tolerance: FIRE (JAX-MD), FIRE 2.0 and gradient descent,
+optionally finished by Newton–CG.
+
+The first-order minimisers are ``fire`` (JAX-MD's FIRE, Bitzek et al. 2006, velocity Verlet),
+``fire2`` (:mod:`mdsens.fire2`, Guénolé et al. 2020) and ``gradient_descent``. With
+``minimizer.newton_switch`` > 0 (``fire2`` only), once max|F| falls to it the relaxation switches to
+Newton–CG steps (:mod:`mdsens.newton`); if these cannot go on (CG fails, the Hessian is not
+positive off its null space, the line search fails), the first-order minimiser takes over again
+from where Newton stopped. Every result counts its force evaluations, a Hessian-vector product as
+two (:attr:`RelaxResult.force_evaluations`).
 
 The loop runs on the device inside ``lax.while_loop`` until max_i |F_i| ≤ fmax (the per-particle
 force norm, ASE's convention) or a step cap. :class:`Relaxer` compiles it once per system shape
@@ -21,15 +30,18 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mdsens.errors import NotConvergedError
+from mdsens.fire2 import CONSTANTS as FIRE2_CONSTANTS
+from mdsens.fire2 import fire2
 from mdsens.jaxmd import minimize
 from mdsens.neighbors import overflowed
+from mdsens.newton import CONVERGED, STATUS, newton_finish
 from mdsens.relax_verdict import (
     UNSTABLE_HINT,
     check_tolerances,
@@ -66,6 +78,14 @@ class RelaxResult:
         diverged: the relaxation was stopped because it diverged (non-finite energy, forces or
             positions, or an energy far above the start): never ``converged``.
         reason: why it stopped, one sentence (converged, step cap, diverged, unstable).
+        force_evaluations: force evaluations, Hessian-vector products of a Newton finish counted
+            as two, the start's included (chunks redone after a neighbour-list overflow too).
+        newton_iterations: Newton steps accepted (0 without a Newton finish).
+        newton: what the Newton finish did, one sentence ("" when none ran).
+        contact_changes: particles whose set of contacts differs between the start and the end
+            of the Newton steps (0 where none were taken or the potential has no contacts): a
+            Newton step that changed the contact network may have left the first-order
+            minimiser's basin.
     """
 
     positions: np.ndarray
@@ -79,6 +99,10 @@ class RelaxResult:
     initial_energy: float
     diverged: bool = False
     reason: str = ""
+    force_evaluations: int = 0
+    newton_iterations: int = 0
+    newton: str = ""
+    contact_changes: int = 0
 
     @property
     def energy_increased(self) -> bool:
@@ -117,9 +141,31 @@ def _force(system: System):
     return lambda x, params, pairs: -jax.grad(system.pair_energy_fn)(x, params, pairs)
 
 
-def _minimizer(system: System, settings: dict[str, Any]):
-    """(init_fn, step_fn, positions_of, forces_of) for the recipe's minimiser; ``init_fn(x,
-    pairs, params)`` and ``step_fn(state, pairs, params)``."""
+class Minimizer(NamedTuple):
+    """A first-order minimiser as the relaxation loop drives it.
+
+    Attributes:
+        init: ``init(x, pairs, params) -> state``.
+        step: ``step(state, pairs, params) -> state``.
+        positions: ``positions(state) -> x``.
+        forces: ``forces(state) -> F`` at those positions.
+        evaluations: ``evaluations(state, steps) -> n``: force evaluations from ``init`` on.
+    """
+
+    init: Callable
+    step: Callable
+    positions: Callable
+    forces: Callable
+    evaluations: Callable
+
+
+def _one_per_step(state, steps):
+    """One force evaluation at the start and one per step."""
+    return steps + 1
+
+
+def _minimizer(system: System, settings: dict[str, Any]) -> Minimizer:
+    """The recipe's first-order minimiser."""
     name = settings["name"]
     force = _force(system)
     if name == "fire":
@@ -129,11 +175,21 @@ def _minimizer(system: System, settings: dict[str, Any]):
             dt_start=settings["dt_start"],
             dt_max=settings["dt_max"],
         )
-        return (
+        return Minimizer(
             lambda x, pairs, params: init_fn(x, pairs=pairs, **params),
             lambda state, pairs, params: step_fn(state, pairs=pairs, **params),
-            (lambda s: s.position),
-            (lambda s: s.force),
+            lambda s: s.position,
+            lambda s: s.force,
+            _one_per_step,
+        )
+    if name == "fire2":
+        init_fn, step_fn = fire2(
+            lambda x, pairs, params: force(x, params, pairs),
+            system.shift,
+            **{key: settings[key] for key in FIRE2_CONSTANTS},
+        )
+        return Minimizer(
+            init_fn, step_fn, lambda s: s.position, lambda s: s.force, lambda s, steps: s.evaluations
         )
     if name == "gradient_descent":
         step_size = settings["step_size"]
@@ -146,7 +202,7 @@ def _minimizer(system: System, settings: dict[str, Any]):
             x = system.shift(x, step_size * f)
             return x, force(x, params, pairs)
 
-        return gd_init, gd_step, (lambda s: s[0]), (lambda s: s[1])
+        return Minimizer(gd_init, gd_step, lambda s: s[0], lambda s: s[1], _one_per_step)
     raise ValueError(f"unknown minimizer {name!r}")
 
 
@@ -174,15 +230,17 @@ class Relaxer:
     fmax: float | None = None
     max_steps: int | None = None
     name: str = field(init=False)
+    newton_switch: float = field(init=False)
+    """max|F| below which a Newton–CG finish takes over (0: none)."""
     solve: Callable = field(init=False, repr=False)
     """Pure-JAX ``solve(params, x0) -> x*`` for :func:`mdsens.implicit.implicit_root`, with the
-    engine's ``fmax`` and ``max_steps`` (NaN if the neighbour list overflows or θ reaches beyond
-    its cutoff: inside ``jit`` it cannot be reallocated)."""
+    engine's ``fmax`` and ``max_steps`` and its Newton finish, if any (NaN if the neighbour list
+    overflows or θ reaches beyond its cutoff: inside ``jit`` it cannot be reallocated)."""
     _start: Callable = field(init=False, repr=False)
     _run: Callable = field(init=False, repr=False)
-    _steppers: tuple = field(init=False, repr=False)
-    _positions_of: Callable = field(init=False, repr=False)
-    _forces_of: Callable = field(init=False, repr=False)
+    _newton: Callable | None = field(init=False, repr=False)
+    _minimizer: Minimizer = field(init=False, repr=False)
+    _refresh: tuple = field(init=False, repr=False)
     _energy: Callable = field(init=False, repr=False)
     _max_force: Callable = field(init=False, repr=False)
     _neighbors0: Any = field(init=False, repr=False)
@@ -193,7 +251,10 @@ class Relaxer:
         fmax = float(settings["fmax"] if self.fmax is None else self.fmax)
         max_steps = int(settings["max_steps"] if self.max_steps is None else self.max_steps)
         check_tolerances(fmax, max_steps)
-        init_fn, step_fn, positions_of, forces_of = _minimizer(system, settings)
+        minimizer = _minimizer(system, settings)
+        positions_of, forces_of = minimizer.positions, minimizer.forces
+        switch = float(settings.get("newton_switch", 0.0))
+        finish = newton_finish(system) if switch > 0 else None
         pair_list = system.pair_list
 
         def refresh(x, neighbors):
@@ -212,13 +273,13 @@ class Relaxer:
             def body(carry):
                 state, neighbors, k = carry
                 neighbors = refresh(positions_of(state), neighbors)
-                return step_fn(state, pairs_of(neighbors), params), neighbors, k + 1
+                return minimizer.step(state, pairs_of(neighbors), params), neighbors, k + 1
 
             return jax.lax.while_loop(cond, body, (state, neighbors, steps))
 
         def start(x, neighbors, params):
             neighbors = refresh(x, neighbors)
-            return init_fn(x, pairs_of(neighbors), params), neighbors
+            return minimizer.init(x, pairs_of(neighbors), params), neighbors
 
         # The list every relaxation starts from, sized once here: its capacity is a shape of the
         # compiled loop, so one list means one compilation.
@@ -226,9 +287,23 @@ class Relaxer:
 
         def solve(params, x0):
             state, neighbors = start(x0, neighbors0, params)
-            state, neighbors, steps = run(state, neighbors, 0, max_steps, fmax, params)
+            state, neighbors, steps = run(state, neighbors, 0, max_steps, max(fmax, switch), params)
             x = positions_of(state)
-            force = max_force(forces_of(state))
+            if finish is not None:
+                # Newton from max|F| <= switch; the first-order minimiser finishes if it stops.
+                near = max_force(forces_of(state)) <= switch
+                out = finish(x, params, fmax)
+                done = near & (out.status == CONVERGED)
+                restart, neighbors = start(jnp.where(near, out.position, x), neighbors, params)
+                restart, neighbors, steps = jax.lax.cond(
+                    done,
+                    lambda: (restart, neighbors, steps),
+                    lambda: run(restart, neighbors, steps, max_steps, fmax, params),
+                )
+                x = jnp.where(done, out.position, positions_of(restart))
+                force = jnp.where(done, max_force(out.force), max_force(forces_of(restart)))
+            else:
+                force = max_force(forces_of(state))
             unconverged = ~(force <= fmax) | ~jnp.all(jnp.isfinite(x))
             missing = jnp.asarray(False)
             if neighbors is not None:
@@ -249,12 +324,13 @@ class Relaxer:
             "fmax": fmax,
             "max_steps": max_steps,
             "name": settings["name"],
+            "newton_switch": switch,
             "solve": solve,
             "_start": jax.jit(start),
             "_run": jax.jit(run),
-            "_steppers": (init_fn, step_fn, refresh, pairs_of),
-            "_positions_of": positions_of,
-            "_forces_of": forces_of,
+            "_newton": None if finish is None else jax.jit(finish),
+            "_minimizer": minimizer,
+            "_refresh": (refresh, pairs_of),
             "_energy": jax.jit(system.energy_fn),
             "_max_force": jax.jit(lambda x, params: max_force(system.force_fn(x, params))),
             "_neighbors0": neighbors0,
@@ -272,24 +348,26 @@ class Relaxer:
         return self if system is self.system else Relaxer(system, self.fmax, self.max_steps)
 
     def unrolled(self):
-        """``(init(x, params), step(state, params), positions(state))`` of the minimiser, one step
-        at a time, for differentiating through the unrolled minimiser (what implicit
-        differentiation avoids). From the system's initial positions it takes exactly the steps
-        :meth:`relax` takes: a neighbour list travels in the state and is updated the same way."""
-        init_fn, step_fn, refresh, pairs_of = self._steppers
-        positions_of = self._positions_of
+        """``(init(x, params), step(state, params), positions(state))`` of the first-order
+        minimiser, one step at a time, for differentiating through the unrolled minimiser (what
+        implicit differentiation avoids). From the system's initial positions it takes exactly
+        the steps :meth:`relax` takes up to a Newton finish, which is not unrolled: with
+        ``newton_switch`` > 0 the unrolled steps are those of the first-order minimiser alone. A
+        neighbour list travels in the state and is updated the same way."""
+        minimizer = self._minimizer
+        refresh, pairs_of = self._refresh
         neighbors0 = self._neighbors0
 
         def init(x, params):
             neighbors = refresh(x, neighbors0)
-            return init_fn(x, pairs_of(neighbors), params), neighbors
+            return minimizer.init(x, pairs_of(neighbors), params), neighbors
 
         def step(state, params):
             state, neighbors = state
-            neighbors = refresh(positions_of(state), neighbors)
-            return step_fn(state, pairs_of(neighbors), params), neighbors
+            neighbors = refresh(minimizer.positions(state), neighbors)
+            return minimizer.step(state, pairs_of(neighbors), params), neighbors
 
-        return init, step, lambda state: positions_of(state[0])
+        return init, step, lambda state: minimizer.positions(state[0])
 
     def relax(
         self,
@@ -302,9 +380,11 @@ class Relaxer:
     ) -> RelaxResult:
         """Relax from ``x0`` (default: the system's initial positions) at ``params`` (default θ).
 
-        ``fmax`` and ``max_steps`` override the engine's for this call only.
-        ``progress(steps, max_force)`` is called after every chunk of steps. Never raises on
-        non-convergence: check ``result.converged`` or call ``result.require_converged()``.
+        ``fmax`` and ``max_steps`` override the engine's for this call only (``max_steps`` caps
+        the first-order steps; a Newton finish adds its own few).
+        ``progress(steps, max_force)`` is called after every chunk of steps and after a Newton
+        finish. Never raises on non-convergence: check ``result.converged`` or call
+        ``result.require_converged()``.
         """
         params = self.system.params if params is None else params
         x0 = self.system.positions if x0 is None else x0
@@ -316,6 +396,7 @@ class Relaxer:
     def _relax(self, params, x0, progress, fmax: float, max_steps: int) -> RelaxResult:
         """:meth:`relax` on this engine, whose list covers ``params`` and ``x0``."""
         pair_list = self.system.pair_list
+        minimizer = self._minimizer
         start = time.perf_counter()
         x0 = jnp.asarray(x0, dtype=jnp.float64)
         if pair_list is not None:
@@ -330,19 +411,48 @@ class Relaxer:
             neighbors = pair_list.grow(x0, neighbors)
             state, neighbors = self._start(x0, neighbors, params)
         steps, lowest, diverged, checked = 0, initial_energy, "", 0
+        # Force evaluations of earlier runs (redone chunks, a Newton finish, the first-order run
+        # before a restart); the current first-order state has taken steps - base steps.
+        spent, base = 0, 0
+        newton = NewtonReport()
+        pending = self._newton is not None and self.newton_switch > fmax
         chunk = chunk_steps(self.system.n_particles)
         while True:
             cap = min(steps + chunk, max_steps)
-            new_state, new_neighbors, steps_arr = self._run(state, neighbors, steps, cap, fmax, params)
+            stop = max(fmax, self.newton_switch) if pending else fmax
+            new_state, new_neighbors, steps_arr = self._run(state, neighbors, steps, cap, stop, params)
             if new_neighbors is not None and bool(overflowed(new_neighbors)):
                 # The chunk ran with pairs missing: redo it with room for them.
-                neighbors = pair_list.grow(self._positions_of(new_state), neighbors)
+                spent += int(minimizer.evaluations(new_state, int(steps_arr) - base)) - int(
+                    minimizer.evaluations(state, steps - base)
+                )
+                neighbors = pair_list.grow(minimizer.positions(new_state), neighbors)
                 continue
             state, neighbors, steps = new_state, new_neighbors, int(steps_arr)
-            force = float(max_force(self._forces_of(state)))
+            force = float(max_force(minimizer.forces(state)))
             if progress is not None:
                 progress(steps, force)
-            positions = self._positions_of(state)
+            positions = minimizer.positions(state)
+            if pending and fmax < force <= self.newton_switch:
+                pending = False
+                newton = self._finish(params, positions, fmax)
+                spent += newton.evaluations
+                if progress is not None:
+                    progress(steps, newton.force)
+                if newton.converged:
+                    positions, force, energy = newton.positions, newton.force, newton.energy
+                    diverged = divergence(steps, energy, force, positions, initial_energy, lowest)
+                    break
+                if newton.iterations:
+                    # The first-order minimiser starts afresh where Newton's steps ended.
+                    spent += int(minimizer.evaluations(state, steps - base))
+                    base = steps
+                    state, neighbors = self._start(newton.positions, neighbors, params)
+                    while neighbors is not None and bool(overflowed(neighbors)):
+                        neighbors = pair_list.grow(newton.positions, neighbors)
+                        state, neighbors = self._start(newton.positions, neighbors, params)
+                # Else it goes on from its own state, now to fmax.
+                continue
             # The compiled loop stops before its cap only when it converged or the force is not
             # finite; whatever stopped it (even an fmax that nothing satisfies), this loop ends.
             done = steps < cap or steps >= max_steps
@@ -354,9 +464,9 @@ class Relaxer:
                 lowest, checked = min(lowest, energy), steps
             if diverged or done:
                 break
-        if pair_list is not None:
+        if pair_list is not None and not newton.converged:
             # The minimiser's last force used the list of the step before; this one is exact
-            # (and is checked for finiteness again).
+            # (and is checked for finiteness again). Newton's forces are exact already.
             force = float(self._max_force(positions, params))
             diverged = diverged or divergence(steps, energy, force, positions, initial_energy, lowest)
         converged = not diverged and force <= fmax and not energy_rose(initial_energy, energy)
@@ -372,7 +482,56 @@ class Relaxer:
             initial_energy=initial_energy,
             diverged=bool(diverged),
             reason=diverged or stop_reason(converged, initial_energy, energy, force, fmax, steps),
+            force_evaluations=spent + int(minimizer.evaluations(state, steps - base)),
+            newton_iterations=newton.iterations,
+            newton=newton.describe(self.name),
+            contact_changes=newton.contact_changes,
         )
+
+    def _finish(self, params, x, fmax: float) -> NewtonReport:
+        """The Newton finish from ``x``, and the contacts it changed."""
+        out = self._newton(x, params, fmax)
+        iterations = int(out.iterations)
+        changes = 0
+        if iterations:
+            changes = int(np.sum(self.system.contact_changes(x, params, out.position, params)))
+        return NewtonReport(
+            positions=out.position,
+            force=float(max_force(out.force)),
+            energy=float(out.energy),
+            iterations=iterations,
+            cg_iterations=int(out.cg_iterations),
+            evaluations=int(out.evaluations),
+            status=int(out.status),
+            contact_changes=changes,
+        )
+
+
+@dataclass(frozen=True)
+class NewtonReport:
+    """What a Newton finish inside :meth:`Relaxer.relax` did (``status`` -1: none ran)."""
+
+    positions: Any = None
+    force: float = float("nan")
+    energy: float = float("nan")
+    iterations: int = 0
+    cg_iterations: int = 0
+    evaluations: int = 0
+    status: int = -1
+    contact_changes: int = 0
+
+    @property
+    def converged(self) -> bool:
+        return self.status == CONVERGED
+
+    def describe(self, minimizer: str) -> str:
+        """One sentence for :attr:`RelaxResult.newton`."""
+        if self.status < 0:
+            return ""
+        steps = f"{self.iterations} Newton steps, {self.cg_iterations} CG iterations"
+        if self.converged:
+            return f"converged: {steps}"
+        return f"{STATUS[self.status]} ({steps}); {minimizer} went on"
 
 
 def relax(system: System, params: dict | None = None, x0=None, progress=None) -> RelaxResult:
