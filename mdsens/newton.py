@@ -165,10 +165,17 @@ def newton_finish(
     cg_maxiter: int | None = None,
     forcing: float = 0.5,
 ):
-    """``finish(x, params, fmax) -> NewtonResult``: Newton–CG steps from ``x`` to max|F| ≤ fmax.
+    """``finish(x, params, fmax, neighbors=None) -> NewtonResult``: Newton–CG steps from ``x`` to
+    max|F| ≤ fmax.
 
-    Pure and jittable. Uses the system's own E(x, θ) (with a neighbour list, its pairs are found
-    at every x; NaN where the list overflows, which stops with ``NOT_FINITE``).
+    Pure and jittable. The null space is the one at ``x`` (the contacts, and with them the
+    rattlers, are taken to stay what they are there: :class:`mdsens.relaxation.Relaxer` checks
+    that they did). With ``neighbors``, a relaxation's neighbour list brought up to date at
+    ``x``, the energy sums over its pairs, and a trial step that takes any particle ``skin / 2``
+    or more from the list's reference positions (where the list could miss pairs) is rejected
+    like an uphill one. Without it, the system's own E(x, θ) finds its pairs at every x (a cell
+    list built from scratch: slower; NaN where that list overflows, which stops with
+    ``NOT_FINITE``).
 
     Args:
         system: the system.
@@ -176,12 +183,29 @@ def newton_finish(
         cg_maxiter: most CG iterations per step (default: 10 × the degrees of freedom).
         forcing: how much of the way to fmax each CG solve goes (see :func:`cg_tolerance`).
     """
-    energy_fn = system.energy_fn
     maxiter = 10 * system.positions.size if cg_maxiter is None else cg_maxiter
-    gradient = jax.grad(energy_fn)
-    value_and_gradient = jax.value_and_grad(energy_fn)
 
-    def finish(x, params, fmax) -> NewtonResult:
+    def finish(x, params, fmax, neighbors=None) -> NewtonResult:
+        if neighbors is None:
+            energy_fn = system.energy_fn
+
+            def valid(y):
+                return jnp.asarray(True)
+
+        else:
+            pairs, reference = neighbors.idx, neighbors.reference_position
+            displacement = jax.vmap(system.displacement)
+
+            def energy_fn(y, params):
+                return system.pair_energy_fn(y, params, pairs)
+
+            def valid(y):
+                moved = jnp.linalg.norm(displacement(y, reference), axis=-1)
+                return jnp.max(moved) < system.pair_list.skin / 2
+
+        gradient = jax.grad(energy_fn)
+        value_and_gradient = jax.value_and_grad(energy_fn)
+        nullspace = system.nullspace(x, params)
         energy, g = value_and_gradient(x, params)
         force = -g
 
@@ -191,7 +215,6 @@ def newton_finish(
 
         def newton_step(carry):
             x, force, energy, iterations, cg_total, evaluations, _ = carry
-            nullspace = system.nullspace(x, params)
             b = project_out(nullspace, force.ravel())
             b_norm = jnp.linalg.norm(b)
             tol = cg_tolerance(b_norm, fmax, forcing)
@@ -214,12 +237,13 @@ def newton_finish(
                 return y, e, -g
 
             def rejected(state):
-                t, _, e_t, f_t, k = state
+                t, y_t, e_t, f_t, k = state
                 armijo = e_t <= energy - ARMIJO * t * decrease
                 # Below round-off the energy cannot rank the two states; the force can.
                 flat = (ARMIJO * t * decrease <= floor) & (e_t <= energy + floor)
                 smaller = jnp.linalg.norm(project_out(nullspace, f_t.ravel())) < b_norm
-                good = jnp.isfinite(e_t) & jnp.all(jnp.isfinite(f_t)) & (armijo | (flat & smaller))
+                finite = jnp.isfinite(e_t) & jnp.all(jnp.isfinite(f_t))
+                good = finite & valid(y_t) & (armijo | (flat & smaller))
                 return ~good & (k < LINE_SEARCH_STEPS)
 
             def halve(state):

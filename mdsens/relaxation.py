@@ -281,6 +281,11 @@ class Relaxer:
             neighbors = refresh(x, neighbors)
             return minimizer.init(x, pairs_of(neighbors), params), neighbors
 
+        def newton(x, neighbors, params, fmax):
+            # Newton sums over the relaxation's list, brought up to date at x.
+            neighbors = refresh(x, neighbors)
+            return finish(x, params, fmax, neighbors), neighbors
+
         # The list every relaxation starts from, sized once here: its capacity is a shape of the
         # compiled loop, so one list means one compilation.
         neighbors0 = None if pair_list is None else pair_list.allocate(system.positions)
@@ -292,7 +297,7 @@ class Relaxer:
             if finish is not None:
                 # Newton from max|F| <= switch; the first-order minimiser finishes if it stops.
                 near = max_force(forces_of(state)) <= switch
-                out = finish(x, params, fmax)
+                out, neighbors = newton(x, neighbors, params, fmax)
                 done = near & (out.status == CONVERGED)
                 restart, neighbors = start(jnp.where(near, out.position, x), neighbors, params)
                 restart, neighbors, steps = jax.lax.cond(
@@ -328,7 +333,7 @@ class Relaxer:
             "solve": solve,
             "_start": jax.jit(start),
             "_run": jax.jit(run),
-            "_newton": None if finish is None else jax.jit(finish),
+            "_newton": None if finish is None else jax.jit(newton),
             "_minimizer": minimizer,
             "_refresh": (refresh, pairs_of),
             "_energy": jax.jit(system.energy_fn),
@@ -435,7 +440,7 @@ class Relaxer:
             positions = minimizer.positions(state)
             if pending and fmax < force <= self.newton_switch:
                 pending = False
-                newton = self._finish(params, positions, fmax)
+                newton, neighbors = self._finish(params, positions, neighbors, fmax)
                 spent += newton.evaluations
                 if progress is not None:
                     progress(steps, newton.force)
@@ -488,14 +493,18 @@ class Relaxer:
             contact_changes=newton.contact_changes,
         )
 
-    def _finish(self, params, x, fmax: float) -> NewtonReport:
-        """The Newton finish from ``x``, and the contacts it changed."""
-        out = self._newton(x, params, fmax)
+    def _finish(self, params, x, neighbors, fmax: float) -> tuple[NewtonReport, Any]:
+        """The Newton finish from ``x`` and the contacts it changed, with the neighbour list it
+        used (grown if it overflowed at ``x``)."""
+        out, refreshed = self._newton(x, neighbors, params, fmax)
+        while refreshed is not None and bool(overflowed(refreshed)):
+            neighbors = self.system.pair_list.grow(x, neighbors)
+            out, refreshed = self._newton(x, neighbors, params, fmax)
         iterations = int(out.iterations)
         changes = 0
         if iterations:
             changes = int(np.sum(self.system.contact_changes(x, params, out.position, params)))
-        return NewtonReport(
+        report = NewtonReport(
             positions=out.position,
             force=float(max_force(out.force)),
             energy=float(out.energy),
@@ -505,6 +514,7 @@ class Relaxer:
             status=int(out.status),
             contact_changes=changes,
         )
+        return report, refreshed
 
 
 @dataclass(frozen=True)
