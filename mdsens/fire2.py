@@ -31,8 +31,9 @@ LAMMPS's ``dtgrow 1.1``, ``dtshrink 0.5``, ``alphashrink 0.99``, ``dmax 0.1`` an
 soft-sphere packings from random starts to max|F| ≤ 1e-12 (mean force evaluations over seeds):
 
 * ``dt_max`` 0.4, not LAMMPS's 10 ``dt_start`` = 1: semi-implicit Euler is unstable above about
-  0.4 on these packings (2-D, N = 1024: dt_max 0.5 took 12 000 evaluations where 0.4 took
-  1 700; 3-D, N = 1024: dt_max 1 took 16 400 where 0.4 took 4 800);
+  0.4 on these packings (2-D, N = 1024, 8 seeds: dt_max 0.5 took 10 400 evaluations and 1 took
+  12 600 where 0.4 took 1 700; 3-D, N = 1024, 4 seeds, LAMMPS's α and delay: dt_max 1 took
+  16 400 where 0.4 took 4 800);
 * ``alpha_start`` 0.1 and ``n_delay`` 5, not 0.25 and 20: 1 700 instead of 2 700 evaluations
   (2-D, N = 1024, 8 seeds) and 3 900 instead of 4 800 (3-D, N = 1024, 4 seeds).
 """
