@@ -139,12 +139,16 @@ def test_a_saddle_start_hands_over_to_fire2(tmp_path):
         structure=path, potential="lennard_jones", overrides=[*LJ, *FIRE2, "minimizer.newton_switch=1.0"]
     )
     assert exact_max_force(system, system.positions) < 1.0  # Newton is tried at once
-    result = Relaxer(system).relax()
+    relaxer = Relaxer(system)
+    result = relaxer.relax()
     assert result.newton.startswith("not a descent direction")
     assert result.newton_iterations == 0
     assert result.converged and result.steps > 0
     # The bent trimer relaxes to the equilateral triangle, three pairs at the LJ minimum.
     assert result.energy == pytest.approx(-3.0, rel=1e-10)
+    # x*(θ) hands over the same way inside jit.
+    x = jax.jit(relaxer.solve)(system.params, jnp.asarray(system.positions))
+    assert float(system.energy_fn(x, system.params)) == pytest.approx(-3.0, rel=1e-10)
 
 
 # --- FIRE 2.0 on its own --------------------------------------------------------------------------
