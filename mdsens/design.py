@@ -346,8 +346,8 @@ class DesignResult:
         grad_norm: final ‖dL/dz‖.
         history: every trial, in order.
         reason: why the loop stopped, one sentence.
-        converged: stopped on ``tol``, ``gtol`` or ``xtol`` (not on the step count, nor because
-            no step was acceptable).
+        converged: stopped on ``tol``, ``gtol`` or ``xtol``, or at the loss's floor (not on the
+            step count, nor because failed relaxations or basin jumps left no acceptable step).
         steps: accepted outer steps.
         engines: relaxation engines used: one, or more where θ's interaction range outgrew the
             neighbour list (each compiles its relaxation and gradient once).
