@@ -297,7 +297,8 @@ class Relaxer:
             if finish is not None:
                 # Newton from max|F| <= switch; the first-order minimiser finishes if it stops.
                 near = max_force(forces_of(state)) <= switch
-                out, neighbors = newton(x, neighbors, params, fmax)
+                # Not near (the step cap came first): an infinite tolerance stops Newton at once.
+                out, neighbors = newton(x, neighbors, params, jnp.where(near, fmax, jnp.inf))
                 done = near & (out.status == CONVERGED)
                 restart, neighbors = start(jnp.where(near, out.position, x), neighbors, params)
                 restart, neighbors, steps = jax.lax.cond(
