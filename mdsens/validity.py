@@ -203,7 +203,8 @@ def _compiled(system: System):
         values = pair_values_at(potential, params, system.overridden, types, i, j)
         radii = potential.non_smooth_radii(values, system.settings)
         r = metric(x[i], x[j])
-        return jnp.stack([r - radius for radius in radii.values()])
+        # A potential without contacts or cutoff (Lennard-Jones with r_cutoff = inf) has none.
+        return jnp.stack([r - radius for radius in radii.values()]) if radii else jnp.zeros((0, r.size))
 
     def gap_rates(x, params, dx, tangent, i, j):
         return jax.jvp(lambda y, p: gaps(y, p, i, j), (x, params), (dx, tangent))
