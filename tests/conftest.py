@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,6 +28,16 @@ DATA = Path(__file__).parent / "data"
 # Central finite-difference step for parameters of the packing: one pair sits 7e-5 from contact,
 # so h = 1e-4 changes the contact network; h = 1e-5 does not.
 FD_STEP = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compiled executables after each test file. One pytest process compiles
+    thousands of functions; kept all session, their code mappings grew until XLA's compiler
+    crashed (a segmentation fault in CI, late in the suite). Later files recompile what they use.
+    """
+    yield
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")
