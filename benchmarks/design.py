@@ -90,6 +90,7 @@ def measure(n: int) -> dict:
     import jax.numpy as jnp
 
     from mdsens import design as engine
+    from mdsens.design_losses import target_loss
     from mdsens.references import relative_error
     from mdsens.relaxation import Relaxer
     from mdsens.system import load_system
@@ -105,7 +106,7 @@ def measure(n: int) -> dict:
     x0 = jnp.asarray(relaxed.positions)
     target = relaxer.relax(one.params(one.initial() + OFFSET), x0)
     target.require_converged()
-    loss = engine.target_loss(system, target.positions)
+    loss = target_loss(system, target.positions)
     # Compiled for every method alike: eager, θ(z) and the loss cost more than a relaxation.
     loss_of = jax.jit(loss)
     params_of = jax.jit(lambda var, z: var.params(z))

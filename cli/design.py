@@ -94,13 +94,15 @@ MaxStep = Annotated[
     typer.Option("--max-step", metavar="DZ", help="Largest change of any log-value per step (0.1: 10 %)."),
 ]
 Start = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--start",
         metavar="FROM",
-        help="Where each inner relaxation starts: warm (the previous x*) or initial (the run's "
-        "initial positions: x*(θ) is then the map that relaxed the run, and a target relaxed "
-        "from the same start at other parameters is reachable).",
+        help="Where each inner relaxation starts: target (the --target structure; the default "
+        "with --target: at the target's parameters it is already relaxed, so the target's basin "
+        "in the parameters is wide), warm (the previous x*; the default otherwise) or initial "
+        "(the run's initial positions: x*(θ) is then the map that relaxed the run).",
+        show_default=False,
     ),
 ]
 Out = out_option(Path | None, "Directory to write (default: RUN/design).", metavar="DIR")
@@ -119,22 +121,24 @@ def design(
     gtol: Gtol = 0.0,
     xtol: Xtol = 1e-10,
     max_step: MaxStep = 0.1,
-    start: Start = "warm",
+    start: Start = None,
     run: RunOption = None,
     out_dir: Out = None,
 ) -> None:
     """Inverse design: find the parameters whose relaxed structure hits a target.
 
     A bilevel optimisation: the outer optimiser (optax L-BFGS or Adam) moves the parameters;
-    the inner relaxation (warm-started) gives x*(θ); the gradient of the loss is the implicit
-    reverse-mode one, one adjoint solve per step whatever the number of parameters. Every trial
-    is recorded: loss, parameters, gradient norm, inner steps, convergence, contact changes. A
-    trial whose inner relaxation fails, that jumps to another basin (contacts change and the
-    loss leaves its first-order prediction) or, for L-BFGS, raises the loss is rejected and the
-    step halved. Stops on --tol, --gtol or --xtol (converged) or after --steps. Only the start's
-    basin is reachable: a target relaxed in another basin is not. Writes history.csv,
-    design.json, design.extxyz, system.toml (`mdsens relax --system DIR/system.toml` reproduces
-    the design) and three figures.
+    the inner relaxation gives x*(θ), started from the target structure with --target (the
+    target is then a minimum at the parameters sought, and x*(θ) reaches it continuously), else
+    from the previous x*; the gradient of the loss is the implicit reverse-mode one, one adjoint
+    solve per step whatever the number of parameters. Every trial is recorded: loss, parameters,
+    gradient norm, inner steps, convergence, contact changes. A trial whose inner relaxation
+    fails, that jumps to another basin (contacts change, or for potentials without contacts the
+    loss leaves its prediction from the gradients at both ends) or, for L-BFGS, raises the loss
+    is rejected and the step halved. Stops on --tol, --gtol or --xtol (converged) or after
+    --steps. Only the start's basin is reachable. Writes history.csv, design.json,
+    design.extxyz, system.toml (`mdsens relax --system DIR/system.toml` reproduces the design)
+    and three figures.
     """
 
     def action():
@@ -146,11 +150,16 @@ def design(
             raise UserError(
                 "give an objective: --target FILE, --target-observable NAME=VALUE or --loss FILE.py:FUNCTION"
             )
+        if start not in (None, "target", "warm", "initial"):
+            raise UserError(f"unknown --start {start!r}; known: target, warm, initial")
+        if start == "target" and target is None:
+            raise UserError("--start target needs --target FILE")
         run_dir, note = chosen_run(run)
         _design(run_dir, note)
 
     def _design(run_dir, note):
         from mdsens import design as engine
+        from mdsens import design_losses as losses
         from mdsens.design_files import read_target, save_design
         from mdsens.relaxation import Relaxer
         from mdsens.run import load_run
@@ -161,13 +170,14 @@ def design(
         parts, target_positions = [], None
         if target is not None:
             target_positions = read_target(system, target)
-            parts.append(engine.target_loss(system, target_positions))
-        targets = [engine.parse_target_observable(system, spec) for spec in target_observable or []]
+            parts.append(losses.target_loss(system, target_positions))
+        targets = [losses.parse_target_observable(system, spec) for spec in target_observable or []]
         if targets:
-            parts.append(engine.observable_loss(targets))
+            parts.append(losses.observable_loss(targets))
         if loss is not None:
-            parts.append(engine.user_loss(system, loss))
+            parts.append(losses.user_loss(system, loss))
         names = list(param or [])
+        begin = start or ("target" if target is not None else "warm")
         engine.variables(system, names, per_particle or [])  # refuse bad names before relaxing
 
         def objective(x, params):
@@ -192,7 +202,8 @@ def design(
                 objective,
                 names,
                 per_particle=per_particle or [],
-                x0=relaxed.positions,
+                # From the target, the first relaxation starts there too: x*(θ) is one map.
+                x0=None if begin == "target" else relaxed.positions,
                 optimizer=optimizer,
                 learning_rate=learning_rate,
                 steps=steps,
@@ -200,7 +211,7 @@ def design(
                 gtol=gtol,
                 xtol=xtol,
                 max_step=max_step,
-                start=start,
+                start=target_positions if begin == "target" else begin,
                 relaxer=Relaxer(system),
                 progress=report,
             )
@@ -223,7 +234,7 @@ def design(
             "gtol": gtol,
             "xtol": xtol,
             "max_step": max_step,
-            "start": start,
+            "start": begin,
         }
         directory = run_dir / "design" if out_dir is None else out_dir
         save_design(directory, system, result, inputs, target_positions)

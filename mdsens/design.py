@@ -1,12 +1,17 @@
 """Inverse design: the parameters θ whose relaxed structure x*(θ) minimises a loss L(x*(θ), θ).
 
 A bilevel optimisation. The inner problem is the relaxation (:class:`mdsens.relaxation.Relaxer`),
-warm-started from the previous outer step's x* (or, with ``start="initial"``, from the system's
-initial positions every time, so that x*(θ) is the same map that relaxed the system, and a target
-relaxed from those positions is reachable). The outer gradient dL/dθ is the implicit reverse-mode
-one at the relaxed state (:func:`mdsens.implicit.root_vjp`): one adjoint solve per outer step,
-whatever the number of parameters (every particle's diameter included), and the minimiser's
-steps are never differentiated or stored. The outer optimiser is optax's L-BFGS or Adam.
+warm-started from the previous outer step's x*, or started every time from fixed positions: the
+system's initial ones (``start="initial"``: x*(θ) is then the map that relaxed the system), or
+any structure, typically the target's (``start=target``: at the target's parameters the target
+is already a minimum, and x*(θ) reaches it continuously as θ nears them, so the target's basin
+in θ is wide where the initial positions' is narrow; docs/design.md measures both).
+
+The outer gradient dL/dθ is the implicit reverse-mode one at the relaxed state
+(:func:`mdsens.implicit.root_vjp`): one adjoint solve per outer step, whatever the number of
+parameters (every particle's diameter included), and the minimiser's steps are never
+differentiated or stored. The outer optimiser is optax's L-BFGS or Adam; the losses are
+:mod:`mdsens.design_losses`'s, or any traceable function.
 
 Design variables live in a transformed space that keeps every value positive: z = log θ for each
 named parameter (``diameter.B``, ``sigma``, ``epsilon``), and z_i = log of particle i's own value
@@ -20,11 +25,15 @@ a change of the contact network (:meth:`mdsens.system.System.contact_changes`) t
 loss that misses its first-order prediction L + ∇L·Δz by more than the predicted change itself:
 a contact that forms or breaks on a continuous path of x*(θ) changes the loss smoothly and is
 accepted (and recorded), a jump to another minimum is not. Potentials without contacts
-(Lennard-Jones, Morse) have no contact network: their jumps are not detected. A design never
-continues from an unconverged inner state: when no step is acceptable it stops and says why.
+(Lennard-Jones, Morse) have no contact network: there a jump is a loss that misses the trapezoid
+rule ½(∇L₀ + ∇L₁)·Δz, exact for a quadratic loss, by more than the gradients' own predictions.
+Relaxed from a structure of the caller's (``start=`` positions), x*(θ) is one function of θ, and
+a jump to a lower loss is accepted (recorded as a jump) with the optimiser's memory reset. A
+design never continues from an unconverged inner state: when no step is acceptable it stops and
+says why.
 
-A local method reaches only the start's basin: x*(θ) is piecewise smooth, and a target relaxed
-in another basin (another contact network) is out of reach of any gradient, however exact
+A local method reaches only the start's basin: x*(θ) is piecewise smooth, and a target whose
+basin in θ the design does not start in is out of reach of any gradient, however exact
 (docs/design.md shows one, and how narrow a basin can be).
 """
 
@@ -42,8 +51,8 @@ import numpy as np
 import optax
 
 from mdsens import implicit
+from mdsens.design_losses import Loss
 from mdsens.errors import NotConvergedError, UserError
-from mdsens.observables import Observable, parse_observable, user_observable
 from mdsens.parameters import expand_parameters, parameter_value, per_particle_keys, unit_tangent
 from mdsens.potentials import ATOM
 from mdsens.relaxation import Relaxer
@@ -59,7 +68,6 @@ DEFAULT_RATES = {"adam": 0.01, "lbfgs": 1.0}
 # crawls (the 128-particle packing, 60 steps: the loss from 3.7e-8 to 1.4e-11 with 10, to 8.6e-13
 # with 50); the pairs are vectors the size of z, small beside one relaxation.
 LBFGS_MEMORY = 50
-Loss = Callable[[jax.Array, dict], jax.Array]
 
 
 # --- design variables -----------------------------------------------------------------------------
@@ -184,86 +192,6 @@ def variables(
     return out
 
 
-# --- objectives -----------------------------------------------------------------------------------
-
-
-def target_loss(system: System, target: np.ndarray) -> Loss:
-    """Mean squared minimum-image displacement of x*(θ) from ``target`` over the non-rattlers,
-    after removing the rigid translation (and, for a free cluster, the best rotation: Kabsch).
-
-    Rattlers are those of x*(θ) at each evaluation; their positions are not determined. The
-    translation and rotation are minimisers of the same squared distance, so their own
-    derivatives do not enter the gradient (envelope theorem): they are held fixed in it.
-    """
-    target = jnp.asarray(target, dtype=jnp.float64)
-    free = system.space_kind == "free"
-
-    def loss(x, params):
-        keep = ~jax.lax.stop_gradient(system.rattlers(x, params))
-        weight = keep.astype(x.dtype)[:, None]
-        count = jnp.maximum(jnp.sum(weight), 1.0)
-        d = jax.vmap(system.displacement)(x, target)  # x - target, minimum image
-        shift = jax.lax.stop_gradient(jnp.sum(weight * d, axis=0) / count)
-        d = d - shift
-        if free:
-            # Kabsch: the rotation R minimising Σ|a_i − R b_i|² over centred x (a) and target (b).
-            a = x - jnp.sum(weight * x, axis=0) / count
-            b = target - jnp.sum(weight * target, axis=0) / count
-            u, _, vt = jnp.linalg.svd(jax.lax.stop_gradient((weight * b).T @ a))
-            v = vt.T
-            flip = jnp.sign(jnp.linalg.det(v @ u.T))
-            rotation = jax.lax.stop_gradient(v.at[:, -1].multiply(flip) @ u.T)
-            d = a - b @ rotation.T
-        return jnp.sum(weight * d**2) / count
-
-    return loss
-
-
-def observable_loss(targets: Sequence[tuple[Observable, float]]) -> Loss:
-    """Σ (q(x, θ)/q_target − 1)² over the targets: each observable's squared relative misfit."""
-
-    def loss(x, params):
-        return sum((o(x, params) / value - 1.0) ** 2 for o, value in targets)
-
-    return loss
-
-
-def parse_target_observable(system: System, spec: str) -> tuple[Observable, float]:
-    """``NAME=VALUE`` (``pressure=0.05``) → (observable, value).
-
-    Raises:
-        UserError: no ``=``, an unknown observable, or a value that is not a nonzero number.
-    """
-    name, equals, text = spec.rpartition("=")
-    if not equals or not name.strip():
-        raise UserError(f"--target-observable {spec!r}: give NAME=VALUE (pressure=0.05)")
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"--target-observable {spec!r}: {text!r} is not a number") from None
-    if not math.isfinite(value) or value == 0:
-        raise UserError(
-            f"--target-observable {spec!r}: the target must be finite and nonzero (relative misfit)"
-        )
-    return parse_observable(system, name), value
-
-
-def user_loss(system: System, spec: str) -> Loss:
-    """``FILE.py:FUNCTION``, a JAX scalar ``FUNCTION(positions, system, params)``, checked when
-    loaded (see :func:`mdsens.observables.user_observable`).
-
-    Raises:
-        UserError: no such file or function, or it raises, does not return one real number, or
-            cannot be differentiated.
-    """
-    if ":" not in spec:
-        raise UserError(f"--loss {spec!r}: give FILE.py:FUNCTION")
-    try:
-        return user_observable(system, spec).fn
-    except UserError as error:
-        raise UserError(f"--loss: {error}") from None
-
-
 # --- the outer loop -------------------------------------------------------------------------------
 
 
@@ -316,7 +244,9 @@ class DesignStep:
         inner_steps: minimiser steps of its inner relaxation.
         converged: whether the inner relaxation and the gradient's adjoint solve converged.
         contact_changes: particles whose contacts differ from the last accepted state.
-        basin_jump: a contact change with a loss off its first-order prediction (rejected).
+        basin_jump: a jump to another minimum: a contact change with a loss off its first-order
+            prediction, or without contacts a loss off the trapezoid rule (rejected, unless it
+            lowered the loss of a design relaxed from fixed positions).
         note: why a trial was rejected, or what happened; "" for a plain accepted step.
     """
 
@@ -402,7 +332,7 @@ def design(
     xtol: float = 1e-10,
     max_step: float = 0.1,
     max_backtracks: int = 8,
-    start: str = "warm",
+    start: str | np.ndarray | jax.Array = "warm",
     relaxer: Relaxer | None = None,
     progress: Callable[[DesignStep], None] | None = None,
 ) -> DesignResult:
@@ -424,14 +354,14 @@ def design(
 
     Args:
         system: the system (its recipe gives the relaxation and the linear solve).
-        loss: ``loss(x, params) -> scalar``, traceable by JAX (:func:`target_loss`,
-            :func:`observable_loss`, :func:`user_loss`, or any); hashable (a function is):
+        loss: ``loss(x, params) -> scalar``, traceable by JAX (:mod:`mdsens.design_losses`:
+            ``target_loss``, ``observable_loss``, ``user_loss``; or any); hashable (a function is):
             the compiled gradient is cached by it.
         names: ``--param`` names (``diameter`` expands to every species).
         per_particle: species-level parameters to design per particle (``diameter``).
         params: θ to start from (default the system's).
-        x0: where the first inner relaxation starts (default the system's positions; pass a
-            relaxed state at ``params`` to start from it at no cost).
+        x0: where the first inner relaxation starts (default the ``start`` positions, else the
+            system's; pass a relaxed state at ``params`` to start from it at no cost).
         optimizer: ``lbfgs``, ``adam`` or any optax transformation (used as a first-order one:
             no monotone check).
         learning_rate: Adam's step per log-value (default 0.01); L-BFGS's scale of its
@@ -443,8 +373,10 @@ def design(
         max_step: largest change of any log-value in one step (0.1: 10 %), the trust region
             every proposed step is cut to.
         max_backtracks: most halvings of one step before the design stops.
-        start: ``warm`` (each inner relaxation from the last accepted x*) or ``initial`` (from
-            the system's initial positions: x*(θ) is then the map that relaxed the system).
+        start: ``warm`` (each inner relaxation from the last accepted x*), ``initial`` (from
+            the system's initial positions: x*(θ) is then the map that relaxed the system), or
+            (N, d) positions to start every relaxation from: the target structure, whose basin
+            in θ is wide.
         relaxer: a relaxation engine of ``system`` to reuse.
         progress: called with every trial.
 
@@ -458,14 +390,23 @@ def design(
         raise UserError("the learning rate and the largest step must be positive")
     if not xtol >= 0 or not gtol >= 0:
         raise UserError("xtol and gtol must be non-negative")
-    if start not in STARTS:
-        raise UserError(f"unknown start {start!r}; known: {', '.join(STARTS)}")
+    anchor = None
+    if isinstance(start, str):
+        if start not in STARTS:
+            raise UserError(f"unknown start {start!r}; known: {', '.join(STARTS)}, or positions")
+    else:
+        anchor = jnp.asarray(start, dtype=jnp.float64)
+        if anchor.shape != np.shape(system.positions):
+            raise UserError(
+                f"start positions of shape {anchor.shape}: the system's are {np.shape(system.positions)}"
+            )
     began = time.perf_counter()
     opt, monotone = _optimizer(optimizer, learning_rate)
     var = variables(system, names, per_particle, params)
     relaxer = Relaxer(system) if relaxer is None else relaxer
     engines: set[Relaxer] = set()
     initial_positions = jnp.asarray(system.positions)
+    contactless = system.potential.contact_parameter is None
 
     def evaluate(z, x_start):
         """(loss, gradient, x*, inner steps, engine) at z, relaxed from x_start."""
@@ -496,7 +437,10 @@ def design(
             progress(entry)
 
     z = var.initial()
-    start_x = initial_positions if x0 is None else jnp.asarray(x0, dtype=jnp.float64)
+    if x0 is not None:
+        start_x = jnp.asarray(x0, dtype=jnp.float64)
+    else:
+        start_x = initial_positions if anchor is None else anchor
     try:
         value, grad, x, inner, _ = evaluate(z, start_x)
     except _Failed as failure:
@@ -541,7 +485,10 @@ def design(
                 break  # a step this small cannot be told from the loss's rounding
             z_try = z + scale * jnp.asarray(updates)
             step_try = accepted + 1
-            x_from = x if start == "warm" else initial_positions
+            if anchor is not None:
+                x_from = anchor
+            else:
+                x_from = x if start == "warm" else initial_positions
             try:
                 v, g, xt, inner, eng = evaluate(z_try, x_from)
             except _Failed as failure:
@@ -565,15 +512,40 @@ def design(
                 continue
             changes = int(np.sum(eng.system.contact_changes(x, p_now, xt, _params_jit(var, z_try))))
             predicted = float(np.dot(grad, scale * updates))
-            off = abs(v - value - predicted)
-            jump = changes > 0 and off > max(abs(predicted), 1e-8 * abs(value))
-            gn = float(np.linalg.norm(g))
-            if jump:
-                note = (
-                    f"basin jump: {changes} particles changed contacts and the loss moved"
-                    f" {v - value:.3g} against a first-order {predicted:.3g}"
+            if contactless:
+                # Trapezoid rule: on a smooth branch the change is ½(∇L₀ + ∇L₁)·Δz up to third
+                # order (exactly for a quadratic loss, however large the step); a jump to another
+                # minimum is unrelated to the gradients at either end.
+                after = float(np.dot(g, scale * updates))
+                expected = (predicted + after) / 2
+                off = abs(v - value - expected)
+                jump = off > max((abs(predicted) + abs(after)) / 2, 1e-8 * max(abs(value), abs(v)))
+                why = f"the loss moved {v - value:.3g} against {expected:.3g} from the gradients at both ends"
+            else:
+                off = abs(v - value - predicted)
+                jump = changes > 0 and off > max(abs(predicted), 1e-8 * abs(value))
+                why = (
+                    f"{changes} particles changed contacts and the loss moved {v - value:.3g}"
+                    f" against a first-order {predicted:.3g}"
                 )
-                rose = False
+            gn = float(np.linalg.norm(g))
+            if jump and anchor is not None and v < value:
+                # Relaxed from a fixed structure, x*(θ) is one function of θ, discontinuous where
+                # the relaxation from it changes basin: a lower branch is progress, and its
+                # gradient is exact there. The curvature pairs straddle the jump: forget them.
+                note = f"basin jump to a lower loss, accepted: {why}"
+                record(
+                    DesignStep(
+                        step_try, attempt, True, v, var.values(z_try), gn, inner, True, changes, True, note
+                    )
+                )
+                z, value, grad, x, state, moved = z_try, v, g, xt, opt.init(z_try), True
+                accepted += 1
+                break
+            if jump:
+                note = f"basin jump: {why}"
+                # A contact-free "jump" that persists down to steps of xtol is the loss's noise.
+                rose = rose and contactless
             elif monotone and v > value:
                 note = f"loss rose from {value:.6g} to {v:.6g}"
             else:

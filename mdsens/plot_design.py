@@ -48,7 +48,14 @@ def loss_figure(history: dict[str, np.ndarray]) -> Figure:
     jump = history["basin_jump"] == 1
     failed = history["converged"] == 0
     other = ~accepted & ~jump & ~failed
-    ax.semilogy(history["step"][jump], loss[jump], "rx", label="basin jump (backtracked)")
+    rejected_jump = jump & ~accepted
+    ax.semilogy(history["step"][rejected_jump], loss[rejected_jump], "rx", label="basin jump (backtracked)")
+    # Relaxed from fixed positions, a jump to a lower loss is accepted (mdsens.design).
+    if (jump & accepted).any():
+        taken = jump & accepted
+        ax.semilogy(
+            history["step"][taken], loss[taken], "o", mfc="none", mec="r", ms=7, label="basin jump (accepted)"
+        )
     ax.semilogy(history["step"][other], loss[other], "k+", label="loss rose (backtracked)")
     for s in history["step"][failed]:
         ax.axvline(s, color="orange", lw=0.8, alpha=0.6)
