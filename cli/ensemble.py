@@ -106,15 +106,20 @@ def ensemble(
 ) -> None:
     """Relax a recipe over many seeds (and swept values) in batches, and differentiate every member.
 
-    Members of one shape relax together under jax.vmap (one compilation), sharded over all
-    devices. Writes RUN/members/ (one file per finished member: --resume skips them),
-    RUN/ensemble.csv (one row per member: seed, swept values, energy, rattlers, dE/dθ,
-    observables and dq/dθ, converged and why not), RUN/ensemble.npz (positions and dx*/dθ of
-    every member) and RUN/ensemble.json (mean, standard deviation and standard error per sweep
-    point over the converged members; unconverged ones counted, never averaged).
+    Members of one shape relax together in one compiled loop (one compilation), sharded over
+    all devices; on CPU, one device per core. Writes RUN/members/ (one file per finished
+    member: --resume skips them), RUN/ensemble.csv (one row per member: seed, swept values,
+    energy, rattlers, dE/dθ, observables and dq/dθ, converged and why not), RUN/ensemble.npz
+    (positions and dx*/dθ of every member) and RUN/ensemble.json (mean, standard deviation and
+    standard error per sweep point over the converged members; unconverged ones counted, never
+    averaged).
     """
 
     def action():
+        from mdsens.ensemble import one_device_per_core
+
+        # Before JAX's backend starts: on CPU the members spread over the cores.
+        one_device_per_core()
         import jax
 
         from mdsens.ensemble import ensemble as run_ensemble

@@ -1,15 +1,13 @@
-"""One batch of ensemble members: relaxed together under ``jax.vmap``, differentiated together,
+"""One batch of ensemble members: relaxed together in one loop, differentiated together,
 the member axis sharded over the local devices.
 
 A batch is members of one system shape and cell that differ in their initial positions (the
 seed) and, within one shape and cell, in θ. :class:`BatchEngine` compiles two functions once per
 template system and batch size:
 
-* ``relax(params, x0) -> x*``: :attr:`mdsens.relaxation.Relaxer.solve` under ``vmap``. A
-  ``lax.while_loop`` under ``vmap`` runs until every member's condition is false and keeps a
-  member whose condition is already false where it was (JAX selects the old carry for it), so
-  a converged member stops changing and the loop stops when all have converged or reached the
-  step cap. The solve returns x* only: the steps of a batched member are not counted.
+* ``relax(params, x0)``: :func:`mdsens.relaxation_batch.batched_solve`, every member stepped in
+  one compiled loop (a converged member stops changing; the loop stops when all have converged
+  or reached the step cap), with each member's steps and whether it failed.
 * ``differentiate(params, x) -> outputs``: per member the energy, max|F|, rattlers, dx*/dθ for
   every parameter (forward mode, :func:`mdsens.implicit.root_jvp` with the recipe's linear solve
   and each member's own null space: its rattlers), dE*/dθ, and each observable's value and total
@@ -17,10 +15,10 @@ template system and batch size:
 
 A member the batch cannot finish is done *alone* (:func:`run_alone`) with the single-system
 engines, whose neighbour lists grow as needed (:meth:`mdsens.relaxation.Relaxer.relax`,
-:meth:`mdsens.sensitivity.Sensitivity.compute`): a relaxation that does not converge, or a list
-that overflows, makes the compiled solve raise (its own check, for the whole batch), and then
-each member of that batch is relaxed alone rather than the batch failing; a member whose outputs
-are not finite (its relaxed state overflows the template's list) is differentiated alone.
+:meth:`mdsens.sensitivity.Sensitivity.compute`): a member whose relaxation did not converge or
+whose list missed pairs (it overflowed), and a member whose outputs are not finite (its relaxed
+state overflows the template's list), are redone alone, so a failure is reported with the single
+relaxation's reason and never stops the other members.
 
 Sharding: the member axis of the inputs is placed over a 1-D mesh of the local devices
 (``NamedSharding``); the batch is padded to a multiple of the device count with copies of its
@@ -30,9 +28,7 @@ last member, whose results are dropped.
 from __future__ import annotations
 
 import functools
-import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +43,7 @@ from mdsens.observable_gradients import observable_gradients
 from mdsens.observables import Observable
 from mdsens.parameters import unit_tangent
 from mdsens.relaxation import Relaxer, max_force
+from mdsens.relaxation_batch import batched_solve
 from mdsens.sensitivity import Sensitivity, linear_solve_from_recipe, optimality_fn
 from mdsens.system import System
 
@@ -67,7 +64,7 @@ class MemberOutcome:
         ok: relaxed to ``fmax`` and every linear solve converged.
         reason: why not (empty when ``ok``).
         path: ``batch`` or ``alone`` (see the module docstring).
-        scalars: energy, max_force, steps (-1: not counted, batched), rattlers, dE_d_<name>,
+        scalars: energy, max_force, steps (first-order), rattlers, dE_d_<name>,
             solver diagnostics, observables and their gradients.
         arrays: ``positions`` (N, d) and ``dx/<name>`` (N, d).
     """
@@ -94,19 +91,6 @@ def local_mesh() -> Mesh:
     return Mesh(np.asarray(jax.local_devices()), (AXIS,))
 
 
-@contextmanager
-def _quiet_callbacks():
-    """JAX logs a traceback when the solve's own check raises inside the compiled batch; the
-    batch handles that failure (its members are relaxed alone), so the log would only alarm."""
-    logger = logging.getLogger("jax._src.debugging")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 @dataclass(frozen=True, eq=False)
 class BatchEngine:
     """The compiled batch functions of one template system (see the module docstring).
@@ -129,48 +113,59 @@ class BatchEngine:
     def __post_init__(self):
         system = self.system
         relaxer = Relaxer(system)
-        tangents = [unit_tangent(system, name) for name in self.names]
+        count = len(self.names)
+        # The parameters' unit tangents stacked on a leading axis: every derivative below maps
+        # over it, so one linear solve is traced and compiled whatever the number of parameters.
+        tangents = (
+            jax.tree_util.tree_map(lambda *t: jnp.stack(t), *[unit_tangent(system, n) for n in self.names])
+            if count
+            else None
+        )
         linear_solve = linear_solve_from_recipe(system)
         condition = optimality_fn(system)
         observables = self.observables
 
         def differentiate(params, x):
-            energy = system.energy_fn(x, params)
-            force = max_force(system.force_fn(x, params))
             denergy = jax.grad(system.energy_fn, argnums=1)(x, params)
-            solved = [
-                implicit.root_jvp(condition, x, params, t, linear_solve, system.nullspace) for t in tangents
-            ]
-            dx = jnp.stack([s[0] for s in solved]) if solved else jnp.zeros((0,) + x.shape)
-            info = [s[1] for s in solved]
+            if count:
+                dx, info = jax.vmap(
+                    lambda t: implicit.root_jvp(condition, x, params, t, linear_solve, system.nullspace)
+                )(tangents)
+            else:
+                dx, info = jnp.zeros((0,) + x.shape), None
             values, gradients = [], []
             for observable in observables:
                 value, (q_x, q_theta) = jax.value_and_grad(observable.fn, argnums=(0, 1))(x, params)
                 values.append(value)
-                gradients.append(
-                    jnp.stack(
-                        [_dot(q_theta, t) + jnp.vdot(q_x, d) for t, d in zip(tangents, dx, strict=True)]
-                    )
-                    if tangents
-                    else jnp.zeros(0)
-                )
+                total = jax.vmap(lambda t, d, q_x=q_x, q_theta=q_theta: _dot(q_theta, t) + jnp.vdot(q_x, d))
+                gradients.append(total(tangents, dx) if count else jnp.zeros(0))
             return {
-                "energy": energy,
-                "max_force": force,
+                "energy": system.energy_fn(x, params),
+                "max_force": max_force(system.force_fn(x, params)),
                 "rattlers": jnp.sum(system.rattlers(x, params)),
-                "dE": jnp.stack([_dot(denergy, t) for t in tangents]) if tangents else jnp.zeros(0),
+                "dE": jax.vmap(lambda t: _dot(denergy, t))(tangents) if count else jnp.zeros(0),
                 "dx": dx,
-                "iterations": jnp.stack([i.iterations for i in info]) if info else jnp.zeros(0, int),
-                "residual": jnp.stack([i.residual for i in info]) if info else jnp.zeros(0),
-                "converged": jnp.stack([i.converged for i in info]) if info else jnp.zeros(0, bool),
+                "iterations": info.iterations if count else jnp.zeros(0, int),
+                "residual": info.residual if count else jnp.zeros(0),
+                "converged": info.converged if count else jnp.zeros(0, bool),
                 "values": jnp.stack(values) if values else jnp.zeros(0),
-                "gradients": jnp.stack(gradients) if gradients else jnp.zeros((0, len(tangents))),
+                "gradients": jnp.stack(gradients) if gradients else jnp.zeros((0, count)),
             }
 
         sharded = NamedSharding(self.mesh, PartitionSpec(AXIS))
         for key, value in {
             "relaxer": relaxer,
-            "_relax": jax.jit(jax.vmap(relaxer.solve), out_shardings=sharded),
+            # Each device relaxes its own members in its own loop (no step waits for another
+            # device's slowest member, no exchange between devices while relaxing).
+            "_relax": jax.jit(
+                jax.shard_map(
+                    batched_solve(relaxer),
+                    mesh=self.mesh,
+                    in_specs=PartitionSpec(AXIS),
+                    out_specs=PartitionSpec(AXIS),
+                    check_vma=False,
+                )
+            ),
             "_differentiate": jax.jit(jax.vmap(differentiate), out_shardings=sharded),
         }.items():
             object.__setattr__(self, key, value)
@@ -199,16 +194,12 @@ class BatchEngine:
         stacked = jax.tree_util.tree_map(lambda *a: np.stack(a), *(list(params) + [params[i] for i in pad]))
         starts = np.stack(list(x0) + [x0[i] for i in pad])
         start = time.perf_counter()
-        try:
-            with _quiet_callbacks():
-                x = np.asarray(self._relax(self._place(stacked), self._place(starts)))
-        except (jax.errors.JaxRuntimeError, NotConvergedError):
-            # The solve's own check raised for some member: relax each alone.
-            return [run_alone(self, params[i], x0[i]) for i in range(count)]
-        done = [i for i in range(count) if np.all(np.isfinite(x[i]))]
+        relaxed = jax.device_get(self._relax(self._place(stacked), self._place(starts)))
+        x = np.asarray(relaxed.positions)
+        done = [i for i in range(count) if not (relaxed.unconverged[i] or relaxed.missing[i])]
         if not done:
             return [run_alone(self, params[i], x0[i]) for i in range(count)]
-        # NaN rows (none in practice: the solve raises first) are differentiated at a finite one.
+        # A failed member's NaN row is differentiated at a finite one (and its result dropped).
         x_all = np.where(np.isfinite(x).all(axis=(1, 2))[:, None, None], x, x[done[0]])
         out = jax.device_get(self._differentiate(self._place(stacked), self._place(x_all)))
         wall = (time.perf_counter() - start) / count
@@ -218,16 +209,16 @@ class BatchEngine:
             if i not in done or not _finite(member):
                 results.append(run_alone(self, params[i], x0[i]))
                 continue
-            results.append(self._outcome(member, x[i], wall))
+            results.append(self._outcome(member, x[i], int(relaxed.steps[i]), wall))
         return results
 
-    def _outcome(self, member: dict, x: np.ndarray, wall: float) -> MemberOutcome:
+    def _outcome(self, member: dict, x: np.ndarray, steps: int, wall: float) -> MemberOutcome:
         """A batched member's outcome from its outputs."""
         fmax = self.relaxer.fmax
         scalars = {
             "energy": float(member["energy"]),
             "max_force": float(member["max_force"]),
-            "steps": -1.0,
+            "steps": float(steps),
             "rattlers": float(member["rattlers"]),
             "wall_time": wall,
         }

@@ -24,6 +24,7 @@ refused (:func:`use_pair_list`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import jax
@@ -71,6 +72,7 @@ class PairList:
     _skinned: partition.NeighborListFns
     _exact: partition.NeighborListFns
     _template: partition.NeighborList
+    _displacement: Callable
 
     def at_jit(self, x) -> partition.NeighborList:
         """:meth:`at`, compiled once per list (for checks outside ``jit``)."""
@@ -92,6 +94,13 @@ class PairList:
     def update(self, x, neighbors: partition.NeighborList) -> partition.NeighborList:
         """The list at ``x``: the same one if no particle moved by ``skin / 2``, else rebuilt."""
         return self._skinned.update(self._wrap(x), neighbors)
+
+    def stale(self, x, neighbors: partition.NeighborList) -> jax.Array:
+        """Whether :meth:`update` would rebuild the list at ``x`` (some particle moved by
+        ``skin / 2`` since it was built): JAX-MD's own test, for callers that decide once for
+        a batch of lists (under ``vmap`` a rebuild that one list needs is computed for all)."""
+        moved = jax.vmap(self._displacement)(self._wrap(x), neighbors.reference_position)
+        return jnp.any(jnp.sum(moved**2, axis=-1) > (self.skin / 2) ** 2)
 
     def at(self, x) -> partition.NeighborList:
         """A list built from scratch at ``x`` with no skin (jittable; capacity fixed at build).
@@ -118,7 +127,9 @@ def build_pair_list(displacement, box: np.ndarray, cutoff: float, settings: dict
     exact = partition.neighbor_list(displacement, jnp.asarray(box), cutoff, dr_threshold=0.0, **kwargs)
     box = np.asarray(box, dtype=np.float64)
     template = exact.allocate(jnp.mod(jnp.asarray(x0), box))
-    return PairList(cutoff, skin, settings["capacity"], int(np.shape(x0)[0]), box, skinned, exact, template)
+    return PairList(
+        cutoff, skin, settings["capacity"], int(np.shape(x0)[0]), box, skinned, exact, template, displacement
+    )
 
 
 def cell_list_bytes(box: np.ndarray, cutoff: float, capacity: float, x) -> float:

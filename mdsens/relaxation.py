@@ -206,6 +206,26 @@ def _minimizer(system: System, settings: dict[str, Any]) -> Minimizer:
     raise ValueError(f"unknown minimizer {name!r}")
 
 
+class SolveParts(NamedTuple):
+    """The pure pieces :attr:`Relaxer.solve` is made of, for a solve that drives them another
+    way (:mod:`mdsens.relaxation_batch` steps many members in one loop)."""
+
+    minimizer: Minimizer
+    refresh: Callable
+    """``refresh(x, neighbors)``: the list brought up to date at x (None without a list)."""
+    pairs_of: Callable
+    start: Callable
+    """``start(x, neighbors, params) -> (state, neighbors)``."""
+    tail: Callable
+    """``tail(state, neighbors, steps, params) -> (x, max|F|, steps, neighbors)``: after the
+    first-order run to :attr:`first_fmax`, the Newton finish where there is one."""
+    unsolved: Callable
+    """``unsolved(x, max|F|, neighbors, params) -> (unconverged, missing pairs)``."""
+    neighbors0: Any
+    first_fmax: float
+    """The first-order run's tolerance: fmax, or the Newton switch-over where it is larger."""
+
+
 @dataclass(frozen=True, eq=False)
 class Relaxer:
     """Relaxation of one system, compiled once and reused for any parameters and start.
@@ -244,6 +264,7 @@ class Relaxer:
     _energy: Callable = field(init=False, repr=False)
     _max_force: Callable = field(init=False, repr=False)
     _neighbors0: Any = field(init=False, repr=False)
+    _parts: SolveParts = field(init=False, repr=False)
 
     def __post_init__(self):
         system = self.system
@@ -290,31 +311,42 @@ class Relaxer:
         # compiled loop, so one list means one compilation.
         neighbors0 = None if pair_list is None else pair_list.allocate(system.positions)
 
-        def solve(params, x0):
-            state, neighbors = start(x0, neighbors0, params)
-            state, neighbors, steps = run(state, neighbors, 0, max_steps, max(fmax, switch), params)
+        def tail(state, neighbors, steps, params):
+            """x*, its max|F|, the steps and the list after the first-order run to
+            max(fmax, switch): the Newton finish from there, where there is one."""
             x = positions_of(state)
-            if finish is not None:
-                # Newton from max|F| <= switch; the first-order minimiser finishes if it stops.
-                near = max_force(forces_of(state)) <= switch
-                # Not near (the step cap came first): an infinite tolerance stops Newton at once.
-                out, neighbors = newton(x, neighbors, params, jnp.where(near, fmax, jnp.inf))
-                done = near & (out.status == CONVERGED)
-                restart, neighbors = start(jnp.where(near, out.position, x), neighbors, params)
-                restart, neighbors, steps = jax.lax.cond(
-                    done,
-                    lambda: (restart, neighbors, steps),
-                    lambda: run(restart, neighbors, steps, max_steps, fmax, params),
-                )
-                x = jnp.where(done, out.position, positions_of(restart))
-                force = jnp.where(done, max_force(out.force), max_force(forces_of(restart)))
-            else:
-                force = max_force(forces_of(state))
+            if finish is None:
+                return x, max_force(forces_of(state)), steps, neighbors
+            # Newton from max|F| <= switch; the first-order minimiser finishes if it stops.
+            near = max_force(forces_of(state)) <= switch
+            # Not near (the step cap came first): an infinite tolerance stops Newton at once.
+            out, neighbors = newton(x, neighbors, params, jnp.where(near, fmax, jnp.inf))
+            done = near & (out.status == CONVERGED)
+            restart, neighbors = start(jnp.where(near, out.position, x), neighbors, params)
+            restart, neighbors, steps = jax.lax.cond(
+                done,
+                lambda: (restart, neighbors, steps),
+                lambda: run(restart, neighbors, steps, max_steps, fmax, params),
+            )
+            x = jnp.where(done, out.position, positions_of(restart))
+            force = jnp.where(done, max_force(out.force), max_force(forces_of(restart)))
+            return x, force, steps, neighbors
+
+        def unsolved(x, force, neighbors, params):
+            """Whether x* missed fmax (or is not finite), and whether pairs were missing from the
+            list (it overflowed, or θ reaches beyond its cutoff)."""
             unconverged = ~(force <= fmax) | ~jnp.all(jnp.isfinite(x))
             missing = jnp.asarray(False)
             if neighbors is not None:
                 reach = system.potential.reach(system.pair_values(params), system.settings)
                 missing = overflowed(neighbors) | (reach > pair_list.cutoff)
+            return unconverged, missing
+
+        def solve(params, x0):
+            state, neighbors = start(x0, neighbors0, params)
+            state, neighbors, steps = run(state, neighbors, 0, max_steps, max(fmax, switch), params)
+            x, force, steps, neighbors = tail(state, neighbors, steps, params)
+            unconverged, missing = unsolved(x, force, neighbors, params)
             # Outside the loop, so the loop itself never calls back into Python.
             jax.debug.callback(
                 functools.partial(raise_if_unsolved, fmax=fmax, max_steps=max_steps),
@@ -340,6 +372,9 @@ class Relaxer:
             "_energy": jax.jit(system.energy_fn),
             "_max_force": jax.jit(lambda x, params: max_force(system.force_fn(x, params))),
             "_neighbors0": neighbors0,
+            "_parts": SolveParts(
+                minimizer, refresh, pairs_of, start, tail, unsolved, neighbors0, max(fmax, switch)
+            ),
         }.items():
             object.__setattr__(self, key, value)
 

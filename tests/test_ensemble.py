@@ -125,7 +125,7 @@ def test_statistics_exclude_and_count_unconverged_members():
 
 
 def test_a_member_that_fails_is_recorded_and_the_others_go_on():
-    """Three steps cannot relax a packing: the batch's solve raises, each member is relaxed alone
+    """Three steps cannot relax a packing: the batch flags both members, each is relaxed alone
     and reports why it failed."""
     system = load_system("binary-packing", ["n_particles=8", "minimizer.max_steps=3"], seed=0)
     engine = BatchEngine(system, ("diameter.B",), (), local_mesh())
