@@ -2,8 +2,8 @@
 
 Two particles touch when they are closer than the pair value of the potential's contact parameter
 (:attr:`mdsens.potentials.Potential.contact_parameter`, the diameter of soft spheres); potentials
-without one have no contacts and no rattlers. Pairs are the system's candidates: all of them, or
-its neighbour list's.
+without one have no contacts and no rattlers. Pairs are the system's candidates
+(:func:`candidate_pairs`): all of them, or its neighbour list's.
 """
 
 from __future__ import annotations
@@ -14,10 +14,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdsens.neighbors import overflowed
 from mdsens.potentials import metric_from, pair_values_at
 
 if TYPE_CHECKING:
     from mdsens.system import System
+
+
+def candidate_pairs(system: System, x):
+    """(i, j, valid, overflowed): every pair that may interact at ``x``, once each.
+
+    Without a neighbour list all N(N − 1)/2 pairs i < j (``valid`` all True, ``overflowed``
+    False); with one, its pairs built at ``x``, where ``valid`` is False for the padding slots and
+    ``overflowed`` True when the list cannot hold the pairs at ``x``. Padding slots hold index N
+    in the list: here they point at particle 0 (masked by ``valid``), so that they can be
+    gathered outside ``jit`` too, where NumPy-style indexing does not clamp. Jittable.
+    """
+    if system.pair_list is None:
+        i, j = np.triu_indices(system.n_particles, k=1)
+        return jnp.asarray(i), jnp.asarray(j), jnp.ones(i.shape, dtype=bool), jnp.asarray(False)
+    neighbors = system.pair_list.at(x)
+    i, j = neighbors.idx
+    valid = i < x.shape[0]
+    return jnp.where(valid, i, 0), jnp.where(valid, j, 0), valid, overflowed(neighbors)
 
 
 def contact_graph(system: System, x, params):
@@ -34,16 +53,14 @@ def contact_graph(system: System, x, params):
         return pair_values_at(potential, params, system.overridden, types, i, j)[potential.contact_parameter]
 
     if system.pair_list is None:
+        # A grid rather than candidate_pairs: a particle's contacts are then a row sum
+        # (_contact_counts), with no scatter over pairs.
         n = x.shape[0]
         index = jnp.arange(n)
         i, j = jnp.broadcast_to(index[:, None], (n, n)), jnp.broadcast_to(index[None, :], (n, n))
         distances = jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x)
         return i, j, (distances < reach(i, j)) & (i != j)
-    i, j = system.pair_list.at(x).idx
-    valid = i < x.shape[0]
-    # Padding slots hold index N: point them at particle 0 (masked by `valid`), which also keeps
-    # eager NumPy-style indexing in range outside jit.
-    i, j = jnp.where(valid, i, 0), jnp.where(valid, j, 0)
+    i, j, valid, _ = candidate_pairs(system, x)
     distances = jax.vmap(metric)(x[i], x[j])
     return i, j, valid & (distances < reach(i, j))
 

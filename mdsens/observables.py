@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mdsens.contacts import candidate_pairs
 from mdsens.errors import UserError
 from mdsens.potentials import metric_from, pair_values_at
 from mdsens.system import System
@@ -70,25 +71,11 @@ def energy(system: System) -> Observable:
     return Observable("energy", system.energy_fn, "energy")
 
 
-def _pairs(system: System, x):
-    """(i, j, valid, overflow): every interacting pair once, the neighbour list's at ``x`` or all
-    pairs; ``valid`` is False for the list's padding slots (their indices point at particle 0,
-    so that they can be gathered outside ``jit`` too), ``overflow`` True when the list cannot
-    hold the pairs at ``x``."""
-    if system.pair_list is None:
-        i, j = np.triu_indices(system.n_particles, k=1)
-        return jnp.asarray(i), jnp.asarray(j), jnp.ones(i.shape, dtype=bool), jnp.asarray(False)
-    neighbors = system.pair_list.at(x)
-    i, j = neighbors.idx
-    valid = i < x.shape[0]
-    return jnp.where(valid, i, 0), jnp.where(valid, j, 0), valid, neighbors.did_buffer_overflow != 0
-
-
 def strained_energy(system: System, x, params, strain):
     """E of the pairs at ``x`` after the homogeneous deformation x ↦ (I + strain) x of positions
     and cell together; equal to E(x, θ) at ``strain = 0``. NaN where the neighbour list cannot
     hold the pairs at ``x``."""
-    i, j, valid, overflow = _pairs(system, x)
+    i, j, valid, overflow = candidate_pairs(system, x)
     vectors = jax.vmap(system.displacement)(x[i], x[j])
     vectors = vectors @ (jnp.eye(x.shape[1]) + strain).T
     r2 = jnp.where(valid, jnp.sum(vectors**2, axis=-1), 1.0)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens import implicit
+from mdsens.contacts import candidate_pairs
 from mdsens.potentials import metric_from
 from mdsens.relaxation import Relaxer, RelaxResult
 from mdsens.system import System
@@ -59,13 +60,7 @@ def _within_radii(system: System, x, params):
     """(i, j, {radius name: (M,) bool}): the candidate pairs (all pairs i < j, or the neighbour
     list's at ``x``) and, for each non-smooth radius of the potential
     (:meth:`mdsens.potentials.Potential.non_smooth_radii`), which of them are closer than it."""
-    n = system.n_particles
-    if system.pair_list is None:
-        i, j = (jnp.asarray(a) for a in np.triu_indices(n, 1))
-        valid = jnp.ones(i.shape, dtype=bool)
-    else:
-        i, j = system.pair_list.at(x).idx
-        valid = i < n  # padded slots hold n
+    i, j, valid, _ = candidate_pairs(system, x)
     r = jax.vmap(metric_from(system.displacement))(x[i], x[j])
     types = jnp.asarray(system.types)
     ti, tj = types[i], types[j]

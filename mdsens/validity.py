@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
 
+from mdsens.contacts import candidate_pairs
 from mdsens.implicit import NullSpace, project_out
 from mdsens.parameters import unit_tangent
 from mdsens.potentials import metric_from, pair_values_at
@@ -183,21 +184,15 @@ class Crossing:
 def _compiled(system: System):
     """The jitted pieces for one system: pairs, gaps with their rates, the projected Hessian,
     and the derivative of the Hessian along a tangent."""
-    n = system.n_particles
     types = jnp.asarray(system.types)
     metric = jax.vmap(metric_from(system.displacement))
     potential = system.potential
 
     def pairs(x, params):
         """(i, j, followed): candidate pairs and whether each is followed (neither a rattler)."""
-        if system.pair_list is None:
-            i, j = (jnp.asarray(a) for a in np.triu_indices(n, 1))
-            valid = jnp.ones(i.shape, dtype=bool)
-        else:
-            i, j = system.pair_list.at(x).idx
-            valid = i < n  # padded slots hold n
+        i, j, valid, _ = candidate_pairs(system, x)
         rattler = system.rattlers(x, params)
-        return i, j, valid & ~rattler[jnp.minimum(i, n - 1)] & ~rattler[jnp.minimum(j, n - 1)]
+        return i, j, valid & ~rattler[i] & ~rattler[j]
 
     def gaps(x, params, i, j):
         values = pair_values_at(potential, params, system.overridden, types, i, j)
