@@ -20,7 +20,7 @@ import numpy as np
 from mdsens.errors import UserError
 from mdsens.manifest import write_stage
 from mdsens.prediction import ParameterStep, Prediction, Verification
-from mdsens.run import _atoms, _bytes_writer, _extxyz_bytes, _vectors3, relaxed_state, versions
+from mdsens.run import atoms_at, bytes_writer, extxyz_bytes, relaxed_state, vectors3, versions
 from mdsens.run_files import open_run
 from mdsens.run_lock import run_lock
 from mdsens.system import System
@@ -59,22 +59,43 @@ def _verification(verification: Verification) -> dict:
     }
 
 
-def prediction_summary(
+def _structure(system: System, step: ParameterStep, prediction: Prediction) -> bytes:
+    """The predicted structure as extxyz, with θ₁'s parameter values and diameters and the
+    predicted displacement dx as a per-atom array."""
+    atoms = atoms_at(dataclasses.replace(system, params=step.params), prediction.positions)
+    atoms.new_array("predicted_displacement", vectors3(prediction.dx))
+    atoms.info["predicted_energy_first_order"] = prediction.energy_first
+    atoms.info["predicted_energy_second_order"] = prediction.energy_second
+    return extxyz_bytes(atoms)
+
+
+def save_prediction(
+    run_dir: str | Path,
     system: System,
-    state: str | None,
+    positions: np.ndarray,
     overrides: list[str],
     step: ParameterStep,
     prediction: Prediction,
     validity: Validity,
     crossings: list[Crossing],
     verification: Verification | None = None,
-) -> dict:
-    """What ``predict.json`` holds: the relaxed state predicted from (``state``, as the run's
-    manifest names it), the step, the predicted energies, the validity radius along the step in
-    units of the step (t = 1 is the requested θ₁), the contacts predicted to change within it,
-    and the verification when there is one."""
+    out: str | Path | None = None,
+) -> list[Path]:
+    """Write ``predict.json`` and ``predicted.extxyz`` into ``RUN/predict/`` (listed in the run's
+    manifest with the state ``positions`` of ``system``), or into ``out``; return their paths.
+
+    ``predict.json`` holds the relaxed state predicted from (as the run's manifest names it), the
+    step, the predicted energies, the validity radius along the step in units of the step (t = 1
+    is the requested θ₁), the contacts predicted to change within it, and the verification when
+    there is one.
+
+    Raises:
+        UserError: the run no longer holds that state (it was relaxed again meanwhile), or
+            ``out`` is a file.
+    """
+    state = relaxed_state(system, positions)
     radius = validity.radius_up
-    return {
+    summary = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "system": system.name,
         "state": state,
@@ -112,46 +133,12 @@ def prediction_summary(
         "structure": STRUCTURE,
         "versions": versions(),
     }
-
-
-def _structure(system: System, step: ParameterStep, prediction: Prediction) -> bytes:
-    """The predicted structure as extxyz, with θ₁'s parameter values and diameters and the
-    predicted displacement dx as a per-atom array."""
-    atoms = _atoms(dataclasses.replace(system, params=step.params), prediction.positions)
-    atoms.new_array("predicted_displacement", _vectors3(prediction.dx))
-    atoms.info["predicted_energy_first_order"] = prediction.energy_first
-    atoms.info["predicted_energy_second_order"] = prediction.energy_second
-    return _extxyz_bytes(atoms)
-
-
-def save_prediction(
-    run_dir: str | Path,
-    system: System,
-    positions: np.ndarray,
-    overrides: list[str],
-    step: ParameterStep,
-    prediction: Prediction,
-    validity: Validity,
-    crossings: list[Crossing],
-    verification: Verification | None = None,
-    out: str | Path | None = None,
-) -> list[Path]:
-    """Write ``predict.json`` and ``predicted.extxyz`` into ``RUN/predict/`` (listed in the run's
-    manifest with the state ``positions`` of ``system``), or into ``out``; return their paths.
-
-    Raises:
-        UserError: the run no longer holds that state (it was relaxed again meanwhile), or
-            ``out`` is a file.
-    """
-    state = relaxed_state(system, positions)
-    summary = prediction_summary(
-        system, state, overrides, step, prediction, validity, crossings, verification
-    )
+    structure = _structure(system, step, prediction)
     if out is not None:
         target = Path(out)
         if target.exists() and not target.is_dir():
             raise UserError(f"--out {target} exists and is not a directory")
-        return write_stage(target, "predict", None, _contents(summary, system, step, prediction, ""))
+        return write_stage(target, "predict", None, _contents(summary, structure, ""))
     run, manifest = open_run(run_dir)
     with run_lock(run, "predict"):
         # The stage moves its files into RUN/predict/, which must exist by then; a folder made
@@ -160,7 +147,7 @@ def save_prediction(
         made = not folder.exists()
         folder.mkdir(exist_ok=True)
         try:
-            files = _contents(summary, system, step, prediction, FOLDER)
+            files = _contents(summary, structure, FOLDER)
             return write_stage(run, "predict", None if manifest is None else state, files)
         except BaseException:
             if made and folder.is_dir() and not any(folder.iterdir()):
@@ -168,18 +155,18 @@ def save_prediction(
             raise
 
 
-def _contents(summary: dict, system: System, step: ParameterStep, prediction: Prediction, folder: str):
+def _contents(summary: dict, structure: bytes, folder: str):
     """(name, writer) of the two files, under ``folder`` (the staging directory gets it too)."""
 
     def inside(data: bytes):
         def write(path: Path) -> None:
             path.parent.mkdir(exist_ok=True)
-            _bytes_writer(data)(path)
+            bytes_writer(data)(path)
 
         return write
 
     prefix = f"{folder}/" if folder else ""
     return [
         (prefix + JSON, inside((json.dumps(summary, indent=2) + "\n").encode())),
-        (prefix + STRUCTURE, inside(_structure(system, step, prediction))),
+        (prefix + STRUCTURE, inside(structure)),
     ]

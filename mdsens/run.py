@@ -85,11 +85,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _atoms(system: System, positions: np.ndarray) -> ase.Atoms:
-    """The input's atoms (order, symbols, tags, cell, pbc, info) at new positions, with mdsens's
-    per-atom arrays and parameter values. 2-D systems lie in z = 0 and are not periodic in z."""
+def atoms_at(system: System, positions: np.ndarray) -> ase.Atoms:
+    """The atoms that a run's extxyz files hold (``relaxed.extxyz``, ``sensitivity.extxyz``,
+    ``predicted.extxyz``): the input's atoms (order, symbols, tags, cell, pbc, info) at
+    ``positions``, with mdsens's per-atom arrays and parameter values. 2-D systems lie in z = 0
+    and are not periodic in z."""
     atoms = system.atoms.copy()
-    atoms.positions = _vectors3(positions)
+    atoms.positions = vectors3(positions)
     atoms.arrays["type"] = system.types.astype(int)
     if "diameter" in system.params:
         diameters = np.asarray(system.params["diameter"])[system.types]
@@ -103,7 +105,8 @@ def _atoms(system: System, positions: np.ndarray) -> ase.Atoms:
     return atoms
 
 
-def _vectors3(vectors: np.ndarray) -> np.ndarray:
+def vectors3(vectors: np.ndarray) -> np.ndarray:
+    """(N, d) vectors as (N, 3), zero beyond d: ASE's positions and per-atom vector arrays."""
     out = np.zeros((vectors.shape[0], 3))
     out[:, : vectors.shape[1]] = vectors
     return out
@@ -115,7 +118,8 @@ def relaxed_state(system: System, positions: np.ndarray) -> str:
     return state_of(tomllib.loads(dump_recipe(system.recipe)), np.asarray(positions, dtype=np.float64))
 
 
-def _bytes_writer(data: bytes) -> Callable[[Path], object]:
+def bytes_writer(data: bytes) -> Callable[[Path], object]:
+    """A writer of ``data`` to the path it is given, for :func:`mdsens.manifest.write_stage`."""
     return lambda path: path.write_bytes(data)
 
 
@@ -144,20 +148,20 @@ def save_relaxation(run_dir: str | Path | None, system: System, result: RelaxRes
         "diverged": result.diverged,
         "reason": result.reason,
     }
-    atoms = _atoms(system, result.positions)
+    atoms = atoms_at(system, result.positions)
     # ASE moves an info["energy"] into the calculator on reading; keep it there from the start.
     atoms.info.update({k: v for k, v in record.items() if k != "energy"})
-    atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=_vectors3(forces))
+    atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=vectors3(forces))
     positions = np.asarray(result.positions, dtype=np.float64)
     arrays = {"positions": positions, "types": system.types, "cell": system.cell, "pbc": system.pbc}
     arrays.update({key: np.asarray(value) for key, value in record.items()})
     contents = {
         "system.toml": dump_recipe(system.recipe).encode(),
         "relaxed.npz": _npz_bytes(arrays),
-        "relaxed.extxyz": _extxyz_bytes(atoms),
+        "relaxed.extxyz": extxyz_bytes(atoms),
     }
     state = relaxed_state(system, positions)
-    write_stage(run, "relax", state, [(name, _bytes_writer(data)) for name, data in contents.items()])
+    write_stage(run, "relax", state, [(name, bytes_writer(data)) for name, data in contents.items()])
     return run
 
 
@@ -167,7 +171,8 @@ def _npz_bytes(arrays: dict) -> bytes:
     return buffer.getvalue()
 
 
-def _extxyz_bytes(atoms: ase.Atoms) -> bytes:
+def extxyz_bytes(atoms: ase.Atoms) -> bytes:
+    """``atoms`` as the bytes of an extxyz file (per-atom arrays and info included)."""
     buffer = io.StringIO()
     ase.io.write(buffer, atoms, format="extxyz")
     return buffer.getvalue().encode()
@@ -378,9 +383,9 @@ def save_sensitivity(
         positions = np.asarray(stored, dtype=np.float64)
         state = relaxed_state(system, positions)
         entries = result.parameters
-        atoms = _atoms(system, positions)
+        atoms = atoms_at(system, positions)
         for name, entry in entries.items():
-            atoms.new_array(_property_name(name), _vectors3(entry.dx))
+            atoms.new_array(_property_name(name), vectors3(entry.dx))
             atoms.info[_energy_key(name)] = entry.denergy
         atoms.new_array("rattler", result.rattlers.astype(bool))
         per_atom = {} if observables is None else _per_atom_gradients(observables)
@@ -411,14 +416,14 @@ def save_sensitivity(
         contents = {
             "sensitivity.npz": _npz_bytes({k: v.dx for k, v in entries.items()}),
             "sensitivity.json": (json.dumps(summary, indent=2) + "\n").encode(),
-            "sensitivity.extxyz": _extxyz_bytes(atoms),
+            "sensitivity.extxyz": extxyz_bytes(atoms),
         }
         if observables is not None:
             text = json.dumps(observables_summary(system, observables, result, state), indent=2) + "\n"
             contents["observables.json"] = text.encode()
             if per_atom:
                 contents["observables.npz"] = _npz_bytes({k: v for k, (_, v) in per_atom.items()})
-        files = [(name, _bytes_writer(data)) for name, data in contents.items()]
+        files = [(name, bytes_writer(data)) for name, data in contents.items()]
         return write_stage(run, "sensitivity", None if manifest is None else state, files)
 
 
@@ -486,7 +491,7 @@ def export_structure(run_dir: str | Path | None, format: str, path: str | Path |
     system, result, run = load_run(run_dir)
     path = run / f"export.{format}" if path is None else Path(path)
     atoms = system.atoms.copy()
-    atoms.positions = _vectors3(result.positions)
+    atoms.positions = vectors3(result.positions)
 
     def write(tmp: Path) -> None:
         ase.io.write(tmp, atoms, format=format)

@@ -248,15 +248,24 @@ def read_sensitivities(run: Path, shape: tuple[int, ...]) -> dict[str, np.ndarra
     return arrays
 
 
+def _read_json(path: Path):
+    """The value in the JSON file ``path``.
+
+    Raises:
+        UserError: the file cannot be read or is not JSON.
+    """
+    try:
+        return json.loads(path.read_text())
+    except (*READ_ERRORS, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
 def read_summary(run: Path) -> dict | None:
     """``sensitivity.json`` as a dict; None if the run has none."""
     path = run / "sensitivity.json"
     if not path.is_file():
         return None
-    try:
-        summary = json.loads(path.read_text())
-    except (*READ_ERRORS, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+    summary = _read_json(path)
     return summary if isinstance(summary, dict) else None
 
 
@@ -265,10 +274,7 @@ def read_observables_summary(run: Path) -> dict | None:
     path = run / "observables.json"
     if not path.is_file():
         return None
-    try:
-        summary = json.loads(path.read_text())
-    except (*READ_ERRORS, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read {path}: {error}") from None
+    summary = _read_json(path)
     if not isinstance(summary, dict) or not isinstance(summary.get("observables"), dict):
         raise UserError(f"{path} has no table of observables: {_rewrite_hint(run, 'observables.json')}")
     return summary
