@@ -47,34 +47,25 @@ def _cases(label, system, relaxer, x, sensitivity):
     return rows
 
 
-@pytest.fixture(scope="module")
-def soft_3d():
-    """A 3-D harmonic soft-sphere packing of 32 particles, relaxed, with its sensitivities."""
-    system = load_system("soft-sphere-3d", overrides=["n_particles=32"])
+def _relaxed_case(name: str, overrides: list[str], parameters: list[str]):
+    """(system, relaxer, relaxed, sensitivity) of a recipe, relaxed, for ``parameters``."""
+    system = load_system(name, overrides=overrides)
     relaxer = Relaxer(system)
     relaxed = relaxer.relax()
     relaxed.require_converged()
-    return (
-        system,
-        relaxer,
-        relaxed,
-        Sensitivity(system).compute(relaxed, ["diameter", "alpha"], spectrum=False),
-    )
+    return system, relaxer, relaxed, Sensitivity(system).compute(relaxed, parameters, spectrum=False)
+
+
+@pytest.fixture(scope="module")
+def soft_3d():
+    """A 3-D harmonic soft-sphere packing of 32 particles, relaxed, with its sensitivities."""
+    return _relaxed_case("soft-sphere-3d", ["n_particles=32"], ["diameter", "alpha"])
 
 
 @pytest.fixture(scope="module")
 def lj_crystal(lj_crystal_overrides):
     """The 31-atom Lennard-Jones fcc crystal with a vacancy, relaxed, with its sensitivities."""
-    system = load_system("lj-fcc-vacancy", overrides=lj_crystal_overrides)
-    relaxer = Relaxer(system)
-    relaxed = relaxer.relax()
-    relaxed.require_converged()
-    return (
-        system,
-        relaxer,
-        relaxed,
-        Sensitivity(system).compute(relaxed, ["sigma", "epsilon"], spectrum=False),
-    )
+    return _relaxed_case("lj-fcc-vacancy", lj_crystal_overrides, ["sigma", "epsilon"])
 
 
 @pytest.fixture(scope="module")
