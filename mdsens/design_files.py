@@ -55,7 +55,8 @@ def read_target(system: System, path: str | Path, index: int = -1) -> np.ndarray
     """The (N, d) positions of a target structure (any format ``ase.io.read`` reads).
 
     Raises:
-        UserError: unreadable file, another atom count, or other species in another order.
+        UserError: unreadable file, another atom count, other species in another order, or
+            (for a periodic system) another cell.
     """
     atoms = read_structure(path, index)
     if len(atoms) != system.n_particles:
@@ -69,10 +70,28 @@ def read_target(system: System, path: str | Path, index: int = -1) -> np.ndarray
             f"--target {path}: atom {first} is {named[first]}, but the system's atom {first} is"
             f" {expected[first]}: give the same atoms in the same order"
         )
-    positions = np.asarray(atoms.positions[:, : system.dimension], dtype=np.float64)
+    d = system.dimension
+    if np.any(system.cell):
+        # The design keeps the system's cell: a target relaxed in another one (a packing at fixed
+        # φ whose diameters changed has another box) is out of reach of any θ.
+        cell = np.asarray(atoms.cell.array[:d, :d], dtype=np.float64)
+        if not np.allclose(cell, system.cell, rtol=1e-6, atol=1e-9):
+            raise UserError(
+                f"--target {path}: its cell {_sides(cell)} is not the run's {_sides(system.cell)}:"
+                " a design keeps the run's cell, so relax the target in it (for a packing whose"
+                " diameters change: mdsens relax --set box.side=L)"
+            )
+    positions = np.asarray(atoms.positions[:, :d], dtype=np.float64)
     if not np.all(np.isfinite(positions)):
         raise UserError(f"--target {path}: positions are not all finite")
     return positions
+
+
+def _sides(cell: np.ndarray) -> str:
+    """A cell in a few characters: its side lengths where it is orthorhombic."""
+    if np.allclose(cell, np.diag(np.diag(cell))):
+        return " × ".join(f"{v:.6g}" for v in np.diag(cell))
+    return np.array2string(cell, precision=6)
 
 
 def _number(value) -> float | None:
