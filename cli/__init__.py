@@ -7,8 +7,10 @@ prints; ``console`` holds the error policy and exit codes, ``options`` the share
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
+import platform
 from pathlib import Path
 
 import typer
@@ -63,10 +65,8 @@ COMPILING = ("relax", "sensitivity", "uncertainty", "predict", "design", "ensemb
 def _compilation_cache(ctx: typer.Context) -> None:
     """Keep compiled functions on disk, so a second run of the same system shape starts fast.
 
-    On by default on GPU and TPU (for ``ensemble`` only by the variable below). Off on CPU:
-    jaxlib 0.10 rejects its own CPU cache entries on reload and logs an error for each (jax issue
-    38445), so the cache would only cost time. MDSENS_COMPILATION_CACHE=DIR turns it on
-    anywhere, MDSENS_COMPILATION_CACHE="" off.
+    On by default (for ``ensemble`` only by the variable below), in a folder per host CPU.
+    MDSENS_COMPILATION_CACHE=DIR turns it on in DIR, MDSENS_COMPILATION_CACHE="" off.
     """
     if ctx.invoked_subcommand not in COMPILING:
         return
@@ -75,11 +75,40 @@ def _compilation_cache(ctx: typer.Context) -> None:
     directory = os.environ.get("MDSENS_COMPILATION_CACHE")
     # Asking for the backend starts JAX, which `ensemble` must not do before it may call
     # jax.distributed.initialize: there the cache is on only by MDSENS_COMPILATION_CACHE.
-    if directory is None and ctx.invoked_subcommand != "ensemble" and jax.default_backend() != "cpu":
-        directory = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mdsens" / "jax")
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if directory is None and ctx.invoked_subcommand != "ensemble":
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mdsens" / "jax"
+        directory = str(base / _host_cpu())
+    if not directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Every compiled function, even a one-operation one: loading an entry takes a few ms, compiling
+    # a small function 20-100 ms on CPU, and a small command compiles about a hundred of them.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if jax.default_backend() == "cpu":
+        # jaxlib 0.9-0.10 logs an error on loading each CPU entry, even one this host wrote
+        # (jax issue 38445: the tuning flags +prefer-no-gather/-scatter are compared as if they
+        # were CPU features), then uses the entry: measured here, every entry hits and relaxed
+        # positions are bitwise those of an uncached run. Those lines (two per function) would
+        # bury the command's output, so JAX's logs below CRITICAL are off on CPU unless the user
+        # asked for a level or for JAX's compilation log.
+        # (`import jax` sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset: another value is the user's.)
+        asked = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") != "1" or "JAX_LOGGING_LEVEL" in os.environ
+        if not asked and not jax.config.jax_log_compiles:
+            jax.config.update("jax_logging_level", "CRITICAL")
+
+
+def _host_cpu() -> str:
+    """A name for this host's CPU (architecture and instruction-set flags), so that a cache folder
+    shared between machines (a home directory on a cluster) never hands one CPU code compiled for
+    another: jaxlib's CPU loader only logs such a mismatch (see above), it does not refuse it."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:  # not Linux: the architecture and the processor's name
+        flags = platform.processor()
+    digest = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
+    return f"cpu-{platform.machine()}-{digest}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import ase
-import ase.build
 import ase.io
 import ase.io.formats
 import jax
@@ -116,7 +115,11 @@ def generate(recipe: Recipe) -> ase.Atoms:
     """ASE atoms (symbols 'X', a per-atom ``type``) from a lattice or random positions in a box."""
     if "lattice" in recipe:
         lat = recipe["lattice"]
-        atoms = ase.build.bulk("X", lat["kind"], a=lat["a"], cubic=True).repeat(lat["repeat"])
+        # ase.build (and through it SciPy's sparse graphs) takes most of a second to import; only
+        # lattices need it.
+        from ase.build import bulk
+
+        atoms = bulk("X", lat["kind"], a=lat["a"], cubic=True).repeat(lat["repeat"])
         sites = atoms.get_positions()
         vacancies = sorted(set(lat["vacancies"]))  # site indices, checked by resolve()
         del atoms[vacancies]
