@@ -14,8 +14,9 @@ from .console import err, guarded, out
 from .options import RunOption, allow_unconverged_option, param_option
 from .runs import chosen_run
 
-# Above this many degrees of freedom the Lanczos spectrum can cost more than the sensitivities
-# themselves; `--spectrum` still asks for it.
+# Above this many degrees of freedom ARPACK's four lowest modes can cost more than the
+# sensitivities themselves (`mdsens predict` follows them only below it; `--spectrum` here asks
+# for them at any size, the default computes only the lowest).
 SPECTRUM_AUTO_LIMIT = 20_000
 
 Params = param_option(
@@ -80,9 +81,11 @@ def sensitivity(
         bool | None,
         typer.Option(
             "--spectrum/--no-spectrum",
-            help="Report the lowest Hessian eigenvalues (dense up to 1024 degrees of freedom, "
-            "Lanczos beyond: seconds to a minute for 10^3-10^4 particles). Default: on up to "
-            f"{SPECTRUM_AUTO_LIMIT} degrees of freedom.",
+            help="Report the four lowest Hessian eigenvalues (dense up to 1024 degrees of freedom, "
+            "ARPACK's Lanczos beyond: can cost more than the relaxation for 10^4 particles). "
+            "Default: the same up to 1024 degrees of freedom, beyond it only the lowest eigenvalue "
+            "(plain Lanczos, about two linear solves' worth): a stability verdict. "
+            "--no-spectrum: none, and no Hessian-mode limit on the validity radius.",
             show_default=False,
         ),
     ] = None,
@@ -135,7 +138,7 @@ def sensitivity(
         if note is not None:
             out.print(escape(note))
         out.print(f"Sensitivity of {escape(str(run_dir))} to {', '.join(names)}")
-        with_spectrum = spectrum if spectrum is not None else relaxed.positions.size <= SPECTRUM_AUTO_LIMIT
+        with_spectrum = "lowest" if spectrum is None else spectrum
         with err.status("compiling and solving") as status:
             result = Sensitivity(system, solver).compute(
                 relaxed,
@@ -148,16 +151,17 @@ def sensitivity(
             out.print(f"  {escape(name):<14} = {entry.value:<8g} {_describe(entry)}")
             if name in result.validity:
                 out.print(f"  {'':<25} {escape(_validity(result.validity[name]))}")
-        if spectrum is None and not with_spectrum:
-            out.print(
-                f"  Hessian spectrum skipped above {SPECTRUM_AUTO_LIMIT} degrees of freedom (--spectrum)"
-            )
         if result.spectrum is not None:
             hessian = result.spectrum
             lowest = ", ".join(f"{v:.3g}" for v in hessian.lowest[:3])
+            verdict = "a saddle point" if hessian.negative else "positive off the removed modes"
+            if hessian.extra_zero_modes:
+                verdict = "an extra zero mode"
+            plural = "s" if len(hessian.lowest) > 1 else ""
+            removed = ", ".join(result.removed_modes)
             out.print(
-                f"  Hessian ({hessian.method}): lowest eigenvalues {lowest}; condition number"
-                f" {hessian.condition_number:.3g}; removed: {', '.join(result.removed_modes)}"
+                f"  Hessian ({hessian.method}): {verdict}; lowest eigenvalue{plural} {lowest};"
+                f" condition number {hessian.condition_number:.3g}; removed: {removed}"
             )
         for warning in result.warnings:
             err.print(f"[bold yellow]Warning:[/] {escape(warning)}")

@@ -24,9 +24,9 @@ from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
 from mdsens.parameters import directional, expand_parameters, parameter_value, unit_tangent
 from mdsens.relaxation import Relaxer, RelaxResult
-from mdsens.spectrum import Spectrum, lowest_eigenvalues
+from mdsens.spectrum import DENSE_SPECTRUM_LIMIT, Spectrum, lowest_eigenvalue, lowest_eigenvalues, lowest_mode
 from mdsens.system import System
-from mdsens.validity import Validity, validity_radii
+from mdsens.validity import Validity, lowest_mode_only, validity_radii
 
 # A derivative larger than this many box lengths per unit parameter is not physics but a failed
 # solve (an inconsistent system returns values of order 1e18).
@@ -262,13 +262,17 @@ class Sensitivity:
         params: dict | None = None,
         allow_unconverged: bool = False,
         progress=None,
-        spectrum: bool = True,
+        spectrum: bool | str = "lowest",
     ) -> SensitivityResult:
         """dx*/dθ and dE*/dθ for every name (``diameter`` expands to every species).
 
         The force at ``relaxed`` is recomputed here rather than trusted from a file. With
-        ``spectrum``, the lowest Hessian eigenvalues are computed too (dense up to
-        :data:`mdsens.spectrum.DENSE_SPECTRUM_LIMIT` degrees of freedom, Lanczos beyond). When
+        ``spectrum`` True, the four lowest Hessian eigenvalues are computed too (dense up to
+        :data:`mdsens.spectrum.DENSE_SPECTRUM_LIMIT` degrees of freedom, ARPACK's Lanczos
+        beyond, which can cost more than the relaxation); with ``"lowest"`` (the default), the
+        same where dense, and beyond only the lowest eigenvalue, by plain Lanczos
+        (:func:`mdsens.spectrum.lowest_mode`: about two CG solves' worth of Hessian products),
+        a stability verdict whose guarantees :class:`mdsens.spectrum.LowestMode` states. When
         ``params`` or the state need a longer neighbour list, the engine of
         :meth:`for_params` computes them (build that once to compute many times there).
 
@@ -338,13 +342,22 @@ class Sensitivity:
                 progress(name)
         nullspace = self._nullspace(x, params)
         rattlers = np.asarray(self._rattlers(x, params))
-        lowest = None
+        lowest, modes, verdict = None, None, []
         if spectrum:
             matvec = implicit.hessian_matvec(optimality_fn(system), x, params)
+        if spectrum == "lowest" and x.size > DENSE_SPECTRUM_LIMIT:
+            mode = lowest_mode(matvec, x.size, nullspace)
+            lowest, modes = lowest_eigenvalue(mode, nullspace), lowest_mode_only(mode, x.shape)
+            if not mode.converged:
+                verdict.append(
+                    f"the lowest Hessian eigenvalue did not converge in {mode.iterations} Lanczos steps"
+                    f" (residual {mode.residual:.2g}): the stability verdict is uncertain (--spectrum)"
+                )
+        elif spectrum:
             lowest = lowest_eigenvalues(matvec, x.size, nullspace)
         # The Hessian criterion needs eigenvectors: only where the spectrum is wanted (affordable).
         dx = {name: entry.dx for name, entry in out.items()}
-        validity = validity_radii(system, x, params, dx, k=4 if spectrum else 0)
+        validity = validity_radii(system, x, params, dx, modes=modes, k=4 if spectrum else 0)
         return SensitivityResult(
             parameters=out,
             max_force=force,
@@ -354,7 +367,7 @@ class Sensitivity:
             wall_time=time.perf_counter() - start,
             rattlers=rattlers,
             spectrum=lowest,
-            warnings=_warnings(rattlers, lowest, force, fmax) + _unresolved(out),
+            warnings=_warnings(rattlers, lowest, force, fmax) + verdict + _unresolved(out),
             validity=validity,
         )
 

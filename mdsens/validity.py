@@ -42,7 +42,7 @@ from mdsens.contacts import candidate_pairs
 from mdsens.implicit import NullSpace, project_out
 from mdsens.parameters import unit_tangent
 from mdsens.potentials import metric_from, pair_values_at
-from mdsens.spectrum import DENSE_SPECTRUM_LIMIT
+from mdsens.spectrum import DENSE_SPECTRUM_LIMIT, LowestMode
 from mdsens.system import System
 
 # Eigenvalues closer than this fraction of the largest are one degenerate eigenvalue: their
@@ -161,7 +161,8 @@ class Modes:
         values: (k,), ascending.
         vectors: (k, N, d), orthonormal, orthogonal to the null space.
         groups: index ranges (start, stop) of degenerate eigenvalues (:data:`DEGENERATE`).
-        method: ``dense`` or ``lanczos`` (``none`` when the null space is everything, or k = 0).
+        method: ``dense``, ``lanczos`` or ``lanczos-lowest`` (:func:`lowest_mode_only`; ``none``
+            when the null space is everything, or k = 0).
     """
 
     values: np.ndarray
@@ -309,6 +310,19 @@ def lowest_modes(system: System, x, params, k: int = 4, *, dense_limit: int = DE
         vectors=vectors[:, :stop].T.reshape(stop, *x.shape),
         groups=tuple(groups),
         method=method,
+    )
+
+
+def lowest_mode_only(mode: LowestMode, shape: tuple[int, ...]) -> Modes:
+    """The one mode of :func:`mdsens.spectrum.lowest_mode` as :class:`Modes`, to follow the lowest
+    eigenvalue only (the cheap default of :class:`mdsens.sensitivity.Sensitivity`). Taken as
+    simple: were the lowest eigenvalue degenerate, its derivative would be that of one vector of
+    the eigenspace, not the group's (:func:`lowest_modes` follows the whole group)."""
+    return Modes(
+        values=np.array([mode.value]),
+        vectors=np.asarray(mode.vector).reshape(1, *shape),
+        groups=((0, 1),),
+        method="lanczos-lowest",
     )
 
 

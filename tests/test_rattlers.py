@@ -9,7 +9,9 @@
   packing. It has no contact, so nothing depends on it: the other particles' dx*/dθ must equal
   the N = 128 fixture's and central finite differences, and its own must be 0. What is written
   for it (sensitivity.json, sensitivity.extxyz) must list it and the spectrum off the removed modes.
-* The spectrum: dense against NumPy's eigvalsh of jax.hessian, Lanczos against dense, and a
+* The spectrum: dense against NumPy's eigvalsh of jax.hessian, Lanczos against dense, the
+  lowest eigenpair alone (plain Lanczos, the default beyond the dense limit) against NumPy's
+  eigh off the rattler and against the saddle's closed form, and a
   compressed square lattice, a saddle point whose spectrum and condition number (|λ|max/|λ|min)
   are closed form, and which gets the saddle warning and no other.
 
@@ -29,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mdsens import implicit, spectrum
+import mdsens.sensitivity as sensitivity_module
+from mdsens import implicit, spectrum, validity
 from mdsens.parameters import unit_tangent
 from mdsens.references import central_difference, relative_error
 from mdsens.relaxation import Relaxer
@@ -288,6 +291,83 @@ def test_lanczos_spectrum_agrees_with_dense(packing_hessian, monkeypatch):
     np.testing.assert_allclose(lanczos.lowest[:3], dense.lowest[:3], rtol=1e-6)
     assert lanczos.largest == pytest.approx(dense.largest, rel=1e-6)
     assert not lanczos.negative and lanczos.extra_zero_modes == 0
+
+
+@pytest.fixture(scope="module")
+def hole_hessian(hole):
+    """The hole packing (one rattler): its Hessian-vector product, null space, and NumPy's
+    eigendecomposition of jax.hessian with the 4 zero eigenvalues (the rattler's 2 degrees of
+    freedom, the others' 2 translations) left out."""
+    system, _, positions, _, _ = hole
+    x = jnp.asarray(positions)
+    matvec = implicit.hessian_matvec(optimality_fn(system), x, system.params)
+    nullspace = system.nullspace(x, system.params)
+    hessian = np.asarray(jax.jit(jax.hessian(system.energy_fn))(x, system.params)).reshape(x.size, x.size)
+    values, vectors = np.linalg.eigh(hessian)
+    assert np.all(np.abs(values[:4]) < 1e-12 * values[-1]) and values[4] > 1e-3
+    return matvec, x.size, nullspace, values[4:], vectors[:, 4:]
+
+
+def test_lowest_mode_is_the_dense_lowest_eigenpair_off_the_rattler(hole_hessian):
+    """Plain Lanczos from a random start: the Rayleigh quotient is NumPy's lowest eigenvalue off
+    the zero modes, bounded as LowestMode says, and its vector that eigenvector."""
+    matvec, n, nullspace, values, vectors = hole_hessian
+    mode = spectrum.lowest_mode(matvec, n, nullspace)
+    assert mode.converged and mode.iterations < n
+    assert mode.value >= values[0] - 1e-12 * values[-1]  # a Rayleigh quotient: never below λ_min
+    assert abs(mode.value - values[0]) <= mode.residual  # an eigenvalue within the residual
+    assert mode.value == pytest.approx(values[0], rel=1e-8)
+    assert mode.largest <= values[-1] * (1 + 1e-12) and mode.largest == pytest.approx(values[-1], rel=1e-3)
+    assert abs(np.dot(mode.vector, vectors[:, 0])) == pytest.approx(1.0, abs=1e-6)
+    assert np.all(mode.vector.reshape(-1, 2)[128] == 0.0)  # nothing on the rattler
+    verdict = spectrum.lowest_eigenvalue(mode, nullspace)
+    assert verdict.method == "lanczos-lowest" and verdict.removed == 4
+    assert not verdict.negative and verdict.extra_zero_modes == 0
+    assert verdict.condition_number == pytest.approx(values[-1] / values[0], rel=1e-3)
+
+
+def test_lowest_mode_finds_the_saddle(square_lattice):
+    """The square lattice: the lowest eigenvalue 4k⊥ < 0 (twice degenerate) off the
+    translations, where the Krylov space ends (β = 0) before n steps."""
+    system, relaxed, _ = square_lattice
+    x = jnp.asarray(relaxed.positions)
+    matvec = implicit.hessian_matvec(optimality_fn(system), x, system.params)
+    nullspace = system.nullspace(x, system.params)
+    mode = spectrum.lowest_mode(matvec, x.size, nullspace)
+    a = SQUARE_SPACING
+    assert mode.converged and mode.value == pytest.approx(-4 * (1 - a) / a, rel=1e-10)
+    assert mode.largest == pytest.approx(4.0, rel=1e-10)
+    verdict = spectrum.lowest_eigenvalue(mode, nullspace)
+    assert verdict.negative and verdict.extra_zero_modes == 0
+
+
+def test_the_default_above_the_dense_limit_follows_the_lowest_mode(hole, monkeypatch):
+    """Beyond the dense limit the default reports the lowest eigenvalue only, and the validity
+    radius follows that one mode: where the dense lowest mode's linearised eigenvalue reaches
+    zero, on the side it moves towards zero, and nowhere on the other."""
+    system, _, positions, dense, _ = hole
+    monkeypatch.setattr(sensitivity_module, "DENSE_SPECTRUM_LIMIT", 0)
+    names = ["diameter.A", "diameter.B"]
+    result = Sensitivity(system).compute(positions, names)
+    assert result.spectrum.method == "lanczos-lowest" and len(result.spectrum.lowest) == 1
+    assert result.spectrum.lowest[0] == pytest.approx(dense.spectrum.lowest[0], rel=1e-8)
+    assert result.spectrum.removed == dense.spectrum.removed and not result.spectrum.negative
+    x = jnp.asarray(positions)
+    modes = validity.lowest_modes(system, x, system.params, k=1)
+    assert modes.method == "dense" and len(modes.values) == 1
+    for name in names:
+        dx = result.parameters[name].dx
+        (rate,) = validity.mode_rates(system, x, system.params, unit_tangent(system, name), dx, modes)
+        t = -modes.values[0] / rate
+        reached, other = (
+            (result.validity[name].mode_up, result.validity[name].mode_down)
+            if t > 0
+            else (result.validity[name].mode_down, result.validity[name].mode_up)
+        )
+        assert reached.kind == "mode" and reached.mode == 0 and other.kind == "none"
+        assert reached.value == pytest.approx(modes.values[0], rel=1e-8)
+        assert reached.rate == pytest.approx(rate, rel=1e-5)
+        assert reached.distance == pytest.approx(abs(t), rel=1e-5)
 
 
 def test_condition_number_is_a_ratio_of_magnitudes_off_the_zero_modes():
