@@ -9,7 +9,8 @@ state) are cached.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -28,6 +29,19 @@ DATA = Path(__file__).parent / "data"
 # Central finite-difference step for parameters of the packing: one pair sits 7e-5 from contact,
 # so h = 1e-4 changes the contact network; h = 1e-5 does not.
 FD_STEP = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compilation_cache_in_a_temporary_folder(tmp_path_factory) -> Iterator[None]:
+    """CLI commands run in-process turn on JAX's persistent compilation cache (on by default, in
+    the user's home): the tests keep theirs in a folder of their own, shared by the tests of one
+    process and removed with pytest's temporary folders, unless MDSENS_COMPILATION_CACHE is set."""
+    if "MDSENS_COMPILATION_CACHE" in os.environ:
+        yield
+        return
+    os.environ["MDSENS_COMPILATION_CACHE"] = str(tmp_path_factory.mktemp("jax-cache"))
+    yield
+    del os.environ["MDSENS_COMPILATION_CACHE"]
 
 
 @pytest.fixture(autouse=True, scope="module")
