@@ -28,6 +28,9 @@ import scipy.sparse.linalg
 from mdsens.implicit import Matvec, NullSpace, project_out
 
 DENSE_SPECTRUM_LIMIT = 1024  # degrees of freedom up to which the operator is diagonalised densely
+# Krylov basis size of ARPACK's restarted Lanczos for the k lowest: its default 2k + 1 restarts
+# so often that the eigenvalues clustered near zero take many times longer to converge.
+LANCZOS_BASIS = 64
 # Lanczos steps per compiled call of :func:`lowest_mode`; convergence is checked between calls.
 LANCZOS_CHUNK = 64
 
@@ -115,8 +118,11 @@ def lowest_eigenvalues(
 
         operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=shifted, dtype=np.float64)
         # Diagnostics need a few digits, not machine precision: tol=1e-6 halves the iterations.
+        basis_size = min(max(2 * k + 1, LANCZOS_BASIS), n)
         lowest = np.sort(
-            scipy.sparse.linalg.eigsh(operator, k=k, which="SA", tol=1e-6, return_eigenvectors=False)
+            scipy.sparse.linalg.eigsh(
+                operator, k=k, which="SA", tol=1e-6, ncv=basis_size, return_eigenvectors=False
+            )
         )
         method = "lanczos"
     scale = zero_tol * abs(largest)
