@@ -144,18 +144,22 @@ def mib(n: int | None) -> float | None:
     return None if n is None else n / 2**20
 
 
-def figure(path: Path, draw: Callable, size=(5.5, 4)) -> None:
-    """Draw with ``draw(ax)`` on one Matplotlib axis (Agg, no display) and save a PNG."""
+def figure(path: Path, draw: Callable, size=(5.5, 4), panels: int = 1, **subplots) -> None:
+    """Draw with ``draw(ax)`` on one Matplotlib axis, or ``draw(axes)`` on ``panels`` side by side
+    (``subplots``: e.g. ``sharey=True``), and save a PNG (Agg, no display). Every axis gets a grid
+    and, where it has labelled artists, a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=size)
-    draw(ax)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, panels, figsize=size, **subplots)
+    draw(axes)
+    for ax in np.atleast_1d(axes):
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8 if panels == 1 else 7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -27,6 +27,7 @@ two paths, which is why every size runs several seeds and the summary gives geom
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -159,14 +160,12 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib
+    common.figure(path, functools.partial(_draw, rows), size=(15, 4.5), panels=3, sharey=True)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw(rows: list[dict], axes) -> None:
     ok = [r for r in rows if r.get("evaluations_ratio") and r["method"] != "fire"]
     labels = list(dict.fromkeys(f"{r['case']}\nN={r['N']} s{r['seed']}" for r in ok))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     for ax, column, target, title in (
         (axes[0], "evaluations_ratio", 0.5, "force evaluations ÷ FIRE's (HVP = 2)"),
         (axes[1], "wall_ratio", 0.6, "wall time ÷ FIRE's (after compilation)"),
@@ -181,13 +180,7 @@ def plot(rows: list[dict], path) -> None:
         ax.set_yscale("log")
         ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
         ax.set_title(title, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("ratio to FIRE from the same start")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
 
 
 def main() -> None:

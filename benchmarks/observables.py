@@ -27,6 +27,7 @@ and (b) spend their time. The machine's load average is recorded with each size.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -231,14 +232,13 @@ def _interleaved_best(calls: dict, repeats: int) -> tuple[dict, dict, dict]:
 
 def plot(rows: list[dict], path) -> None:
     """Wall time of (a), (b) and their solves against N, and the CG iterations of each solve."""
-    import matplotlib
+    common.figure(path, functools.partial(_draw, rows), size=(10, 4), panels=2)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw(rows: list[dict], axes) -> None:
+    ax_time, ax_cg = axes
     ok = [r for r in rows if "failed" not in r]
     n = [r["N"] for r in ok]
-    fig, (ax_time, ax_cg) = plt.subplots(1, 2, figsize=(10, 4))
     ax_time.loglog(n, [r["forward_s"] for r in ok], "o-", label="(a) one forward sensitivity")
     ax_time.loglog(n, [r["adjoint_s"] for r in ok], "s-", label="(b) dP/d(N diameters), one adjoint solve")
     ax_time.loglog(n, [r["forward_solve_s"] for r in ok], "o:", color="C0", label="(a) its solve alone")
@@ -263,12 +263,6 @@ def plot(rows: list[dict], path) -> None:
         n, [r["per_particle_forward_cg"] for r in ok], "^--", label="(c) forward, per particle (median)"
     )
     ax_cg.set(xlabel="N", ylabel="CG iterations", title="linear solves")
-    for ax in (ax_time, ax_cg):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
 
 
 def main() -> None:

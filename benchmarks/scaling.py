@@ -13,6 +13,7 @@ one forward-mode sensitivity solve. The parameter is the small species' diameter
 
 from __future__ import annotations
 
+import functools
 import time
 
 import common
@@ -97,12 +98,11 @@ def measure(dimension: int, n: int, fmax: float | None = None) -> dict:
 
 
 def plot(rows: list[dict], path) -> None:
-    import matplotlib
+    common.figure(path, functools.partial(_draw, rows), size=(10, 4), panels=2)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(10, 4))
+def _draw(rows: list[dict], axes) -> None:
+    ax_time, ax_memory = axes
     for d, marker in ((2, "o"), (3, "s")):
         ok = [r for r in rows if r["d"] == d and "failed" not in r]
         if not ok:
@@ -117,12 +117,6 @@ def plot(rows: list[dict], path) -> None:
         ax_memory.loglog(n, [r["rss_MiB"] for r in ok], marker + ":", label=f"{d}-D process peak RSS")
     ax_time.set(xlabel="N", ylabel="wall time after compilation (s)", title="time")
     ax_memory.set(xlabel="N", ylabel="peak memory (MiB)", title="memory")
-    for ax in (ax_time, ax_memory):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
 
 
 def main() -> None:
