@@ -1,8 +1,9 @@
 """Energy minimisation to a tight force tolerance: FIRE (JAX-MD), FIRE 2.0 and gradient descent,
 optionally finished by Newton–CG.
 
-The first-order minimisers are ``fire`` (JAX-MD's FIRE, Bitzek et al. 2006, velocity Verlet),
-``fire2`` (:mod:`mdsens.fire2`, Guénolé et al. 2020) and ``gradient_descent``. With
+The first-order minimisers (:mod:`mdsens.minimizers`) are ``fire`` (JAX-MD's FIRE, Bitzek et al.
+2006, velocity Verlet), ``fire2`` (:mod:`mdsens.fire2`, Guénolé et al. 2020) and
+``gradient_descent``. With
 ``minimizer.newton_switch`` > 0 (``fire2`` only), once max|F| falls to it the relaxation switches to
 Newton–CG steps (:mod:`mdsens.newton`); if these cannot go on (CG fails, the Hessian is not
 positive off its null space, the line search fails), the first-order minimiser takes over again
@@ -37,9 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens.errors import NotConvergedError
-from mdsens.fire2 import CONSTANTS as FIRE2_CONSTANTS
-from mdsens.fire2 import fire2
-from mdsens.jaxmd import minimize
+from mdsens.minimizers import Minimizer, first_order
 from mdsens.neighbors import overflowed
 from mdsens.newton import CONVERGED, STATUS, newton_finish
 from mdsens.relax_verdict import (
@@ -134,78 +133,6 @@ def max_force(forces: jax.Array) -> jax.Array:
     return jnp.max(jnp.linalg.norm(forces, axis=-1))
 
 
-def _force(system: System):
-    """``force(x, params, pairs)``: with a neighbour list over the given pairs, else all pairs."""
-    if system.pair_list is None:
-        return lambda x, params, pairs: system.force_fn(x, params)
-    return lambda x, params, pairs: -jax.grad(system.pair_energy_fn)(x, params, pairs)
-
-
-class Minimizer(NamedTuple):
-    """A first-order minimiser as the relaxation loop drives it.
-
-    Attributes:
-        init: ``init(x, pairs, params) -> state``.
-        step: ``step(state, pairs, params) -> state``.
-        positions: ``positions(state) -> x``.
-        forces: ``forces(state) -> F`` at those positions.
-        evaluations: ``evaluations(state, steps) -> n``: force evaluations from ``init`` on.
-    """
-
-    init: Callable
-    step: Callable
-    positions: Callable
-    forces: Callable
-    evaluations: Callable
-
-
-def _one_per_step(state, steps):
-    """One force evaluation at the start and one per step."""
-    return steps + 1
-
-
-def _minimizer(system: System, settings: dict[str, Any]) -> Minimizer:
-    """The recipe's first-order minimiser."""
-    name = settings["name"]
-    force = _force(system)
-    if name == "fire":
-        init_fn, step_fn = minimize.fire_descent(
-            lambda x, pairs, **params: force(x, params, pairs),
-            system.shift,
-            dt_start=settings["dt_start"],
-            dt_max=settings["dt_max"],
-        )
-        return Minimizer(
-            lambda x, pairs, params: init_fn(x, pairs=pairs, **params),
-            lambda state, pairs, params: step_fn(state, pairs=pairs, **params),
-            lambda s: s.position,
-            lambda s: s.force,
-            _one_per_step,
-        )
-    if name == "fire2":
-        init_fn, step_fn = fire2(
-            lambda x, pairs, params: force(x, params, pairs),
-            system.shift,
-            **{key: settings[key] for key in FIRE2_CONSTANTS},
-        )
-        return Minimizer(
-            init_fn, step_fn, lambda s: s.position, lambda s: s.force, lambda s, steps: s.evaluations
-        )
-    if name == "gradient_descent":
-        step_size = settings["step_size"]
-
-        def gd_init(x, pairs, params):
-            return x, force(x, params, pairs)
-
-        def gd_step(state, pairs, params):
-            x, f = state
-            x = system.shift(x, step_size * f)
-            return x, force(x, params, pairs)
-
-        return Minimizer(gd_init, gd_step, lambda s: s[0], lambda s: s[1], _one_per_step)
-    raise ValueError(f"unknown minimizer {name!r}")
-
-
 class SolveParts(NamedTuple):
     """The pure pieces :attr:`Relaxer.solve` is made of, for a solve that drives them another
     way (:mod:`mdsens.relaxation_batch` steps many members in one loop)."""
@@ -272,7 +199,7 @@ class Relaxer:
         fmax = float(settings["fmax"] if self.fmax is None else self.fmax)
         max_steps = int(settings["max_steps"] if self.max_steps is None else self.max_steps)
         check_tolerances(fmax, max_steps)
-        minimizer = _minimizer(system, settings)
+        minimizer = first_order(system, settings)
         positions_of, forces_of = minimizer.positions, minimizer.forces
         switch = float(settings.get("newton_switch", 0.0))
         finish = newton_finish(system) if switch > 0 else None
