@@ -191,7 +191,8 @@ class Relaxer:
     _energy: Callable = field(init=False, repr=False)
     _max_force: Callable = field(init=False, repr=False)
     _neighbors0: Any = field(init=False, repr=False)
-    _parts: SolveParts = field(init=False, repr=False)
+    parts: SolveParts = field(init=False, repr=False)
+    """The pure pieces of :attr:`solve`, for :mod:`mdsens.relaxation_batch`."""
 
     def __post_init__(self):
         system = self.system
@@ -299,7 +300,7 @@ class Relaxer:
             "_energy": jax.jit(system.energy_fn),
             "_max_force": jax.jit(lambda x, params: max_force(system.force_fn(x, params))),
             "_neighbors0": neighbors0,
-            "_parts": SolveParts(
+            "parts": SolveParts(
                 minimizer, refresh, pairs_of, start, tail, unsolved, neighbors0, max(fmax, switch)
             ),
         }.items():

@@ -54,7 +54,7 @@ def batched_solve(relaxer: Relaxer):
     """``solve(params, x0) -> BatchRelaxed`` for a batch (a leading member axis on every leaf
     of ``params`` and on ``x0``) with ``relaxer``'s minimiser, tolerances and neighbour list.
     Pure JAX and never raises: wrap it in ``jax.jit``; failed members are flagged."""
-    parts = relaxer._parts
+    parts = relaxer.parts
     minimizer = parts.minimizer
     pair_list = relaxer.system.pair_list
     cap = relaxer.max_steps

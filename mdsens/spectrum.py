@@ -31,6 +31,14 @@ DENSE_SPECTRUM_LIMIT = 1024  # degrees of freedom up to which the operator is di
 # Krylov basis size of ARPACK's restarted Lanczos for the k lowest: its default 2k + 1 restarts
 # so often that the eigenvalues clustered near zero take many times longer to converge.
 LANCZOS_BASIS = 64
+
+
+def lanczos_basis(k: int, n: int) -> int:
+    """ARPACK's ``ncv`` for the ``k`` lowest of an operator of size ``n``: :data:`LANCZOS_BASIS`,
+    at least 2k + 1 (ARPACK's own default), at most n."""
+    return min(max(2 * k + 1, LANCZOS_BASIS), n)
+
+
 # Lanczos steps per compiled call of :func:`lowest_mode`; convergence is checked between calls.
 LANCZOS_CHUNK = 64
 
@@ -118,10 +126,9 @@ def lowest_eigenvalues(
 
         operator = scipy.sparse.linalg.LinearOperator((n, n), matvec=shifted, dtype=np.float64)
         # Diagnostics need a few digits, not machine precision: tol=1e-6 halves the iterations.
-        basis_size = min(max(2 * k + 1, LANCZOS_BASIS), n)
         lowest = np.sort(
             scipy.sparse.linalg.eigsh(
-                operator, k=k, which="SA", tol=1e-6, ncv=basis_size, return_eigenvectors=False
+                operator, k=k, which="SA", tol=1e-6, ncv=lanczos_basis(k, n), return_eigenvectors=False
             )
         )
         method = "lanczos"
