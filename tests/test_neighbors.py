@@ -150,3 +150,36 @@ def test_differentiable_relaxed_positions_with_a_list(packing):
     )
     with pytest.raises(Exception, match="neighbour list cannot hold"):  # noqa: B017  (JAX's runtime error)
         jax.block_until_ready(x_star(bigger, relaxed.positions))
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("binary-packing", PACKING),
+        ("binary-packing", ["n_particles=200", "box.packing_fraction=0.5", "seed=7"]),
+        ("soft-sphere-3d", ["n_particles=512", "seed=2"]),
+        ("lj-fcc-vacancy", LJ),
+    ],
+)
+def test_allocation_is_jax_mds_own(name, overrides):
+    """mdsens sizes a list from NumPy counts and one compiled rebuild instead of JAX-MD's eager
+    allocation: the list (pairs, capacities, cell list) must be the one JAX-MD allocates, with
+    and without extra room, and a later update must give the same pairs."""
+    pair_list = load_system(name, [*overrides, 'neighbors.mode="always"']).pair_list
+    x = pair_list._wrap(load_system(name, overrides).positions)
+    rng = np.random.default_rng(0)
+    for fns, reach in (
+        (pair_list._skinned, pair_list.cutoff + pair_list.skin),
+        (pair_list._exact, pair_list.cutoff),
+    ):
+        for extra in (0, 3):
+            ours = pair_list._allocate(fns, reach, x, extra)
+            theirs = fns.allocate(x, extra_capacity=extra)
+            assert ours.max_occupancy == theirs.max_occupancy
+            assert ours.cell_list_capacity == theirs.cell_list_capacity
+            assert ours.cell_size == theirs.cell_size
+            assert int(ours.error.code) == int(theirs.error.code) == 0
+            np.testing.assert_array_equal(ours.idx, theirs.idx)
+            np.testing.assert_array_equal(ours.reference_position, theirs.reference_position)
+        moved = pair_list._wrap(x + rng.normal(scale=0.3 * pair_list.skin, size=x.shape))
+        np.testing.assert_array_equal(fns.update(moved, ours).idx, fns.update(moved, theirs).idx)
