@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mdsens.errors import UserError
-from mdsens.neighbors import PairList, build_pair_list, cell_list_problem, overflowed
+from mdsens.neighbors import PairList, build_pair_list, cell_list_problem, host_overflowed
 from mdsens.potentials import bounding_tables
 
 if TYPE_CHECKING:
@@ -65,7 +65,11 @@ def for_params(system: System, params, x=None) -> System:
     reach = system.reach(params)
     box = np.diag(system.cell)
     short = reach > system.pair_list.cutoff
-    full = x is not None and bool(overflowed(system.pair_list.at_jit(jnp.asarray(x))))
+    full = (
+        x is not None
+        and not system.pair_list.sized_at(x)
+        and host_overflowed(system.pair_list.at_jit(jnp.asarray(x)))
+    )
     if not (short or full):
         return system
     check_minimum_image(system.space_kind, system.cell, reach)

@@ -25,7 +25,7 @@ refused (:func:`use_pair_list`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,11 @@ def overflowed(neighbors: partition.NeighborList) -> jax.Array:
     return neighbors.did_buffer_overflow != 0
 
 
+def host_overflowed(neighbors: partition.NeighborList) -> bool:
+    """:func:`overflowed` of a computed list, in NumPy (no JAX dispatch outside ``jit``)."""
+    return bool(int(np.asarray(neighbors.error.code)) & _OVERFLOW)
+
+
 @dataclass(frozen=True, eq=False)  # hashed by identity: a static argument of jax.jit
 class PairList:
     """Neighbour-list functions for one system shape and cutoff.
@@ -73,7 +78,11 @@ class PairList:
     _exact: partition.NeighborListFns
     _template: partition.NeighborList
     _displacement: Callable
-    _builders: dict = field(default_factory=dict, repr=False)
+
+    def sized_at(self, x) -> bool:
+        """Whether the list was sized at positions ``x`` (then :meth:`at` has room there)."""
+        x = np.mod(np.asarray(x, dtype=np.float64), self.box)
+        return bool(np.array_equal(x, np.asarray(self._template.reference_position)))
 
     def at_jit(self, x) -> partition.NeighborList:
         """:meth:`at`, compiled once per list (for checks outside ``jit``)."""
@@ -94,24 +103,11 @@ class PairList:
         cell (NumPy, JAX-MD's own cell dimensions) and the number of pairs (from one rebuild at
         full length, compiled once per list and cell capacity); the rebuild is JAX-MD's own.
         """
-        if reach not in self._builders:
-            # A list of this reach that always rebuilds (no skin test), with its cell list made
-            # once, so that every allocation shares one compiled rebuild.
-            always = partition.neighbor_list(
-                self._displacement,
-                jnp.asarray(self.box),
-                reach,
-                dr_threshold=0.0,
-                format=partition.OrderedSparse,
-                capacity_multiplier=self.capacity,
-                fractional_coordinates=False,
-            )
-            cells = partition.cell_list(np.asarray(self.box, dtype=np.float32), reach, self.capacity)
-            self._builders[reach] = (always, cells, jax.jit(always.update))
-        always, cells, rebuild = self._builders[reach]
-        x = self._wrap(x)
-        n, d = x.shape
-        capacity = int(_fullest_cell(np.asarray(x), self.box, reach) * self.capacity) + extra
+        always, cells = _builder(self, reach)
+        # NumPy's remainder is jnp.mod's (both are fmod, then + box where the signs differ).
+        x = np.mod(np.asarray(x, dtype=np.float64), self.box)
+        n = x.shape[0]
+        capacity = int(_fullest_cell(x, self.box, reach) * self.capacity) + extra
         template = partition.NeighborList(
             np.zeros((2, 1), np.int32),
             x,
@@ -123,11 +119,11 @@ class PairList:
             cells,
             always.update,
         )
-        built = rebuild(x, template)
+        built = _rebuild(always, x, template)
         idx = np.asarray(built.idx)
         # Pairs fill the front of the rebuilt array; its last slot may hold a discarded entry.
         pairs = int(np.count_nonzero(idx[0, :-1] < n))
-        if overflowed(built) or pairs >= idx.shape[1] - 1:
+        if host_overflowed(built) or pairs >= idx.shape[1] - 1:
             return fns.allocate(x, extra_capacity=extra)  # not expected: JAX-MD's own way
         occupancy = min(int(pairs * self.capacity + n * extra), idx.shape[1], n * (n - 1) // 2)
         return replace(
@@ -165,6 +161,34 @@ class PairList:
 
 
 _list_at = jax.jit(PairList.at, static_argnums=0)
+_rebuild = jax.jit(lambda fns, x, neighbors: fns.update(x, neighbors), static_argnums=0)
+_OVERFLOW = int(partition.PEC.NEIGHBOR_LIST_OVERFLOW | partition.PEC.CELL_LIST_OVERFLOW)
+_BUILDERS: dict[tuple, tuple] = {}
+"""Allocation lists by box, reach and capacity, shared by the systems of one cell (an ensemble's
+sweep points, a design's trials), so that they share one compiled rebuild."""
+
+
+def _builder(pairs: PairList, reach: float) -> tuple[partition.NeighborListFns, partition.CellListFns]:
+    """A list of ``reach`` in ``pairs``'s cell that always rebuilds (no skin test), and its cell
+    list, made once per cell, reach and capacity (an orthorhombic periodic cell: one
+    displacement serves every system in it)."""
+    key = (pairs.box.tobytes(), float(reach), float(pairs.capacity))
+    if key not in _BUILDERS:
+        if len(_BUILDERS) >= 16:
+            _BUILDERS.pop(next(iter(_BUILDERS)))
+        always = partition.neighbor_list(
+            pairs._displacement,
+            jnp.asarray(pairs.box),
+            reach,
+            dr_threshold=0.0,
+            format=partition.OrderedSparse,
+            capacity_multiplier=pairs.capacity,
+            fractional_coordinates=False,
+        )
+        # JAX-MD's allocation makes its cell list from the box in float32.
+        cells = partition.cell_list(np.asarray(pairs.box, dtype=np.float32), reach, pairs.capacity)
+        _BUILDERS[key] = (always, cells)
+    return _BUILDERS[key]
 
 
 def build_pair_list(displacement, box: np.ndarray, cutoff: float, settings: dict, x0) -> PairList:

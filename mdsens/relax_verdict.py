@@ -7,7 +7,6 @@ must be a positive finite number, or no state could honestly be called converged
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from mdsens.errors import NotConvergedError, UserError
@@ -47,7 +46,9 @@ def divergence(
 ) -> str:
     """Why a relaxation has diverged after ``steps`` steps, or "" if it has not: a non-finite
     energy, force or position, or an energy :func:`far_above` the start."""
-    finite = np.isfinite([initial_energy, energy, force]).all() and bool(jnp.all(jnp.isfinite(positions)))
+    finite = np.isfinite([initial_energy, energy, force]).all() and bool(
+        np.all(np.isfinite(np.asarray(positions)))
+    )
     if not finite:
         return f"diverged after {steps} steps: non-finite energy, forces or positions"
     if far_above(initial_energy, energy, lowest):

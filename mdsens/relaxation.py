@@ -39,7 +39,7 @@ import numpy as np
 
 from mdsens.errors import NotConvergedError
 from mdsens.minimizers import Minimizer, first_order
-from mdsens.neighbors import overflowed
+from mdsens.neighbors import host_overflowed, overflowed
 from mdsens.newton import CONVERGED, STATUS, newton_finish
 from mdsens.relax_verdict import (
     UNSTABLE_HINT,
@@ -131,6 +131,12 @@ def chunk_steps(n_particles: int) -> int:
 def max_force(forces: jax.Array) -> jax.Array:
     """max_i |F_i|, the per-particle force norm used as convergence criterion."""
     return jnp.max(jnp.linalg.norm(forces, axis=-1))
+
+
+def host_max_force(forces) -> float:
+    """:func:`max_force` of computed forces, in NumPy (an eager JAX call would dispatch two
+    operations, each traced and lowered again in a fresh process)."""
+    return float(np.max(np.linalg.norm(np.asarray(forces), axis=-1)))
 
 
 class SolveParts(NamedTuple):
@@ -376,7 +382,7 @@ class Relaxer:
         # by a larger one for the rest of this relaxation only.
         neighbors = self._neighbors0
         state, neighbors = self._start(x0, neighbors, params)
-        while neighbors is not None and bool(overflowed(neighbors)):
+        while neighbors is not None and host_overflowed(neighbors):
             neighbors = pair_list.grow(x0, neighbors)
             state, neighbors = self._start(x0, neighbors, params)
         steps, lowest, diverged, checked = 0, initial_energy, "", 0
@@ -390,7 +396,7 @@ class Relaxer:
             cap = min(steps + chunk, max_steps)
             stop = max(fmax, self.newton_switch) if pending else fmax
             new_state, new_neighbors, steps_arr = self._run(state, neighbors, steps, cap, stop, params)
-            if new_neighbors is not None and bool(overflowed(new_neighbors)):
+            if new_neighbors is not None and host_overflowed(new_neighbors):
                 # The chunk ran with pairs missing: redo it with room for them.
                 spent += int(minimizer.evaluations(new_state, int(steps_arr) - base)) - int(
                     minimizer.evaluations(state, steps - base)
@@ -398,7 +404,7 @@ class Relaxer:
                 neighbors = pair_list.grow(minimizer.positions(new_state), neighbors)
                 continue
             state, neighbors, steps = new_state, new_neighbors, int(steps_arr)
-            force = float(max_force(minimizer.forces(state)))
+            force = host_max_force(minimizer.forces(state))
             if progress is not None:
                 progress(steps, force)
             positions = minimizer.positions(state)
@@ -417,7 +423,7 @@ class Relaxer:
                     spent += int(minimizer.evaluations(state, steps - base))
                     base = steps
                     state, neighbors = self._start(newton.positions, neighbors, params)
-                    while neighbors is not None and bool(overflowed(neighbors)):
+                    while neighbors is not None and host_overflowed(neighbors):
                         neighbors = pair_list.grow(newton.positions, neighbors)
                         state, neighbors = self._start(newton.positions, neighbors, params)
                 # Else it goes on from its own state, now to fmax.
@@ -461,7 +467,7 @@ class Relaxer:
         """The Newton finish from ``x`` and the contacts it changed, with the neighbour list it
         used (grown if it overflowed at ``x``)."""
         out, refreshed = self._newton(x, neighbors, params, fmax)
-        while refreshed is not None and bool(overflowed(refreshed)):
+        while refreshed is not None and host_overflowed(refreshed):
             neighbors = self.system.pair_list.grow(x, neighbors)
             out, refreshed = self._newton(x, neighbors, params, fmax)
         iterations = int(out.iterations)
@@ -470,7 +476,7 @@ class Relaxer:
             changes = int(np.sum(self.system.contact_changes(x, params, out.position, params)))
         report = NewtonReport(
             positions=out.position,
-            force=float(max_force(out.force)),
+            force=host_max_force(out.force),
             energy=float(out.energy),
             iterations=iterations,
             cg_iterations=int(out.cg_iterations),

@@ -8,6 +8,7 @@ own run files included), the one place where species names are parsed.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -144,8 +145,7 @@ def generate(recipe: Recipe) -> ase.Atoms:
             diameters.append(recipe["species"][s]["diameter"])
         occupied = sum(c * particle_volume(dia, d) for c, dia in zip(counts, diameters, strict=True))
         box = np.full(d, (occupied / recipe["box"]["packing_fraction"]) ** (1.0 / d))
-    key = jax.random.PRNGKey(recipe["seed"])
-    positions = np.asarray(jax.random.uniform(key, (n, d), dtype=jnp.float64)) * box
+    positions = np.asarray(_uniform(recipe["seed"], (n, d))) * box
     xyz, cell = np.zeros((n, 3)), np.zeros(3)
     xyz[:, :d], cell[:d] = positions, box
     atoms = ase.Atoms(["X"] * n, positions=xyz, cell=np.diag(cell), pbc=[True] * d + [False] * (3 - d))
@@ -179,3 +179,11 @@ def geometry(atoms: ase.Atoms) -> tuple[int, np.ndarray, np.ndarray, str]:
         raise UserError("the periodic cell has zero volume")
     orthorhombic = np.allclose(cell, np.diag(np.diag(cell))) and np.all(np.diag(cell) > 0)
     return d, cell, pbc, "periodic" if orthorhombic else "periodic_general"
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _uniform(seed, shape):
+    """Uniform numbers in [0, 1) from ``jax.random.PRNGKey(seed)``: compiled once per shape, where
+    eager calls would dispatch (and, from the compilation cache, trace and lower) about ten
+    operations one by one; the numbers are the same bits."""
+    return jax.random.uniform(jax.random.PRNGKey(seed), shape, dtype=jnp.float64)
