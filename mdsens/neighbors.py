@@ -84,6 +84,12 @@ class PairList:
         x = np.mod(np.asarray(x, dtype=np.float64), self.box)
         return bool(np.array_equal(x, np.asarray(self._template.reference_position)))
 
+    def at_positions_pairs(self) -> np.ndarray:
+        """(2, P) the pairs i, j closer than :attr:`cutoff` at the positions the list was sized
+        at (:meth:`sized_at`), without padding."""
+        idx = np.asarray(self._template.idx)
+        return idx[:, idx[0] < self.n_particles]
+
     def at_jit(self, x) -> partition.NeighborList:
         """:meth:`at`, compiled once per list (for checks outside ``jit``)."""
         return _list_at(self, x)

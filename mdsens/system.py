@@ -297,36 +297,65 @@ def build_system(recipe: Recipe) -> System:
         pair_list=pair_list,
         pair_energy_fn=pair_energy_fn,
     )
-    _check_finite_energy(system)
+    _check_separated(system)
     return system
 
 
-def _check_finite_energy(system: System) -> None:
-    """Atoms on top of each other (or so close that the energy is not finite) are a user error
-    that names the pair, raised before relaxing. Coincident atoms are caught by distance too:
-    a pair function cannot tell them from a particle paired with itself."""
-    x = jnp.asarray(system.positions)
-    energy, forces, distance, i, j = jax.jit(_closest_pair_and_energy, static_argnums=0)(system, x)
-    if np.isfinite(float(energy)) and np.all(np.isfinite(np.asarray(forces))) and float(distance) > 1e-8:
+def _check_separated(system: System) -> None:
+    """Atoms on top of each other are a user error that names the pair, raised before relaxing:
+    there the energy is not finite (r⁻¹² at r = 0) or its forces have no direction. Closer than
+    :data:`COINCIDENT` counts as on top (a pair function cannot tell such atoms from a particle
+    paired with itself); farther apart, every potential's energy and forces are finite.
+
+    In NumPy over the pairs the neighbour list holds (it was sized at these positions), else over
+    all pairs: JAX would compile this check again for every system, however alike.
+    """
+    x = system.positions
+    if system.pair_list is not None:
+        i, j = np.asarray(system.pair_list.at_positions_pairs())
+        if i.size == 0:
+            return
+        r = np.linalg.norm(_minimum_image(system, x[i] - x[j]), axis=-1)
+        k = int(np.argmin(r))
+        i, j, distance = int(i[k]), int(j[k]), float(r[k])
+    else:
+        i, j, distance = _closest_of_all_pairs(system, x)
+    if distance > COINCIDENT:
         return
     raise UserError(
-        f"the energy at the initial positions is not finite: atoms {int(min(i, j))} and {int(max(i, j))} "
-        f"are {float(distance):.3g} apart"
+        f"the energy at the initial positions is not finite: atoms {min(i, j)} and {max(i, j)} "
+        f"are {distance:.3g} apart"
     )
 
 
-def _closest_pair_and_energy(system: System, x):
-    metric = metric_from(system.displacement)
-    if system.pair_list is not None:
-        i, j = system.pair_list.at(x).idx
-        distances = jnp.where(i < x.shape[0], jax.vmap(metric)(x[i], x[j]), jnp.inf)
-        k = jnp.argmin(distances)
-        return system.energy_fn(x, system.params), system.force_fn(x, system.params), distances[k], i[k], j[k]
-    distances = jax.vmap(jax.vmap(metric, (None, 0)), (0, None))(x, x)
-    distances = jnp.where(jnp.eye(x.shape[0], dtype=bool), jnp.inf, distances)
-    flat = jnp.argmin(distances)
-    i, j = jnp.unravel_index(flat, distances.shape)
-    return system.energy_fn(x, system.params), system.force_fn(x, system.params), distances[i, j], i, j
+COINCIDENT = 1e-8
+"""Atoms closer than this (in length units) are on top of each other: see :func:`_check_separated`."""
+
+
+def _minimum_image(system: System, d: np.ndarray) -> np.ndarray:
+    """Displacements ``d`` (…, d) to their nearest periodic image, as the system's metric takes them."""
+    if system.space_kind == "free":
+        return d
+    if system.space_kind == "periodic":
+        box = np.diag(system.cell)
+        return d - box * np.round(d / box)
+    fractional = d @ np.linalg.inv(system.cell)  # ASE's cell: rows are the lattice vectors
+    return (fractional - np.round(fractional)) @ system.cell
+
+
+def _closest_of_all_pairs(system: System, x: np.ndarray) -> tuple[int, int, float]:
+    """The closest pair i < j and its distance, over all pairs in row blocks (bounded memory)."""
+    n = x.shape[0]
+    best = (0, 1, np.inf)
+    block = max(1, 2**22 // max(n, 1))
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        r = np.linalg.norm(_minimum_image(system, x[rows, None, :] - x[None, :, :]), axis=-1)
+        r[rows[:, None] >= np.arange(n)[None, :]] = np.inf
+        k = np.unravel_index(int(np.argmin(r)), r.shape)
+        if r[k] < best[2]:
+            best = (int(rows[k[0]]), int(k[1]), float(r[k]))
+    return best
 
 
 def load_system(

@@ -32,6 +32,7 @@ from mdsens.cli import app
 from mdsens.errors import UserError
 from mdsens.list_coverage import for_params
 from mdsens.recipe import apply_overrides, load_recipe, resolve
+from mdsens.run import atoms_at
 from mdsens.system import load_system
 from mdsens.validate import MAX_PARTICLES, SEED_LIMIT
 
@@ -458,3 +459,22 @@ def test_a_system_and_its_pair_list_are_not_written_after_construction():
     system.contact_changes(x, system.params, x + 1e-3, system.params)
     for_params(system, system.params, x)
     assert vars(system).keys() == before.keys() and vars(system.pair_list).keys() == list_before.keys()
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_atoms_on_top_of_each_other_in_a_periodic_packing_are_named(tmp_path, mode):
+    """Two atoms of a 2-D periodic packing one box length apart (the same point by periodicity)
+    and a pair 1e-9 apart: refused naming the first pair, with and without a neighbour list."""
+    system = load_system("binary-packing", ["n_particles=256"])
+    x = system.positions.copy()
+    x[17] = x[3] + [system.cell[0, 0], 0.0]
+    path = tmp_path / "coincident.traj"  # full precision, one species X
+    settings = ["potential.diameter=0.8", f'neighbors.mode="{mode}"']
+    ase.io.write(path, atoms_at(system, x))
+    with pytest.raises(UserError, match=r"not finite: atoms 3 and 17 are \S+ apart"):
+        load_system(structure=path, potential="soft_sphere", overrides=settings)
+    x[17] = system.positions[17]
+    x[40] = x[41] + [1e-9, 0.0]
+    ase.io.write(path, atoms_at(system, x))
+    with pytest.raises(UserError, match="atoms 40 and 41 are 1e-09 apart"):
+        load_system(structure=path, potential="soft_sphere", overrides=settings)
