@@ -48,6 +48,12 @@ from mdsens.sensitivity import Sensitivity, linear_solve_from_recipe, optimality
 from mdsens.system import System
 
 AXIS = "members"
+CPU_RELAX_GROUP = 1
+"""Members per CPU device relaxed together. A batched step costs what its members' steps cost
+one by one on a CPU, and a group runs until its slowest member converges, so on a CPU one member
+per device relaxes fastest: 64 members of the 128-particle packing over two devices took 1.21 s
+in groups of one per device, 1.56 s in groups of four (the derivatives, in contrast, gain from
+the whole batch: 0.22 s for batches of 16 against 0.56 s for batches of 2)."""
 
 
 def _dot(tree, tangent):
@@ -194,7 +200,7 @@ class BatchEngine:
         stacked = jax.tree_util.tree_map(lambda *a: np.stack(a), *(list(params) + [params[i] for i in pad]))
         starts = np.stack(list(x0) + [x0[i] for i in pad])
         start = time.perf_counter()
-        relaxed = jax.device_get(self._relax(self._place(stacked), self._place(starts)))
+        relaxed = self._relaxed(stacked, starts)
         x = np.asarray(relaxed.positions)
         done = [i for i in range(count) if not (relaxed.unconverged[i] or relaxed.missing[i])]
         if not done:
@@ -211,6 +217,22 @@ class BatchEngine:
                 continue
             results.append(self._outcome(member, x[i], int(relaxed.steps[i]), wall))
         return results
+
+    def _relaxed(self, params, x0):
+        """The batch relaxed, on a CPU in groups of one member per device (:data:`CPU_RELAX_GROUP`)."""
+        size = x0.shape[0]
+        group = self.devices * CPU_RELAX_GROUP if self.mesh.devices.flat[0].platform == "cpu" else size
+        # Every group is dispatched before any is read back: a device that finishes its member
+        # starts the next group's while another device is still relaxing.
+        pending = [
+            self._relax(
+                self._place(jax.tree_util.tree_map(lambda a, k=k: a[k : k + group], params)),
+                self._place(x0[k : k + group]),
+            )
+            for k in range(0, size, group)
+        ]
+        parts = jax.device_get(pending)
+        return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
 
     def _outcome(self, member: dict, x: np.ndarray, steps: int, wall: float) -> MemberOutcome:
         """A batched member's outcome from its outputs."""
