@@ -54,7 +54,8 @@ def overflowed(neighbors: partition.NeighborList) -> jax.Array:
 
 def host_overflowed(neighbors: partition.NeighborList) -> bool:
     """:func:`overflowed` of a computed list, in NumPy (no JAX dispatch outside ``jit``)."""
-    return bool(int(np.asarray(neighbors.error.code)) & _OVERFLOW)
+    codes = partition.PEC.NEIGHBOR_LIST_OVERFLOW | partition.PEC.CELL_LIST_OVERFLOW
+    return bool(int(np.asarray(neighbors.error.code)) & int(codes))
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a static argument of jax.jit
@@ -168,7 +169,6 @@ class PairList:
 
 _list_at = jax.jit(PairList.at, static_argnums=0)
 _rebuild = jax.jit(lambda fns, x, neighbors: fns.update(x, neighbors), static_argnums=0)
-_OVERFLOW = int(partition.PEC.NEIGHBOR_LIST_OVERFLOW | partition.PEC.CELL_LIST_OVERFLOW)
 _BUILDERS: dict[tuple, tuple] = {}
 """Allocation lists by box, reach and capacity, shared by the systems of one cell (an ensemble's
 sweep points, a design's trials), so that they share one compiled rebuild."""

@@ -80,6 +80,11 @@ class Potential:
     """Name of the parameter whose pair value is the contact distance of a finite-range
     repulsion (two particles touch when closer); ``None`` where contacts are not defined. Used
     to find rattlers (:mod:`mdsens.contacts`)."""
+    stiffness: Callable[[dict], Any] | None = None
+    """``stiffness(tables) -> (S, S)``: φ''(r) at each pair's minimum (ω² of a pair of unit
+    masses), which sets the minimiser's default time steps
+    (:func:`mdsens.recipe.scaled_time_steps`); ``None`` keeps JAX-MD's FIRE steps, which were
+    chosen for soft spheres."""
     range_parameter: str = "sigma"
     """Name of the parameter whose pair value sets the interaction range: the range is its
     largest pair value times the ``r_cutoff`` setting (1 where the potential has none)."""
@@ -181,6 +186,8 @@ POTENTIALS: dict[str, Potential] = {
         doc="U(r) = 4ε[(σ/r)^12 − (σ/r)^6] × S(r), S switching smoothly from 1 at r_onset·σ_ij "
         "to 0 at r_cutoff·σ_ij (no energy shift; r_cutoff = inf: no cutoff)",
         settings={"r_onset": 2.0, "r_cutoff": 2.5},
+        # At r = 2^(1/6) σ: 4ε(156 σ¹²/r¹⁴ − 42 σ⁶/r⁸) = 72 ε / r².
+        stiffness=lambda t: 72.0 * np.asarray(t["epsilon"]) / (2 ** (1 / 3) * np.asarray(t["sigma"]) ** 2),
     ),
     "morse": Potential(
         name="morse",
@@ -192,6 +199,7 @@ POTENTIALS: dict[str, Potential] = {
         pair_fn=_morse,
         doc="U(r) = ε[(1 − e^{−α(r − σ)})² − 1] × S(r), S as for lennard_jones",
         settings={"r_onset": 2.0, "r_cutoff": 2.5},
+        stiffness=lambda t: 2.0 * np.asarray(t["epsilon"]) * np.asarray(t["alpha"]) ** 2,
     ),
 }
 

@@ -50,6 +50,11 @@ MINIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "gradient_descent": {"fmax": 1e-12, "max_steps": 1_000_000, "step_size": 0.05},
 }
+TIME_STEPS = ("dt_start", "dt_max", "dt_min")
+"""The minimisers' time-step settings, scaled together by :func:`scaled_time_steps`."""
+STEPS_PER_VIBRATION = 0.05 * math.sqrt(72 / 2 ** (1 / 3))
+"""ω × the scale of :func:`scaled_time_steps`: the shipped Lennard-Jones recipes' steps
+(``dt_start = 0.005``, ``dt_max = 0.02``, 1/20 of FIRE's defaults) at σ = ε = 1, where ω² = 72/2^(1/3)."""
 SENSITIVITY_DEFAULTS: dict[str, Any] = {"solver": "cg", "tol": 1e-12, "maxiter": 0}
 SOLVERS = ("cg", "dense")
 TOP_LEVEL = {"name": "run", "description": "", "seed": 0}
@@ -373,6 +378,22 @@ def _resolve_methods(recipe: Recipe, out: Recipe) -> None:
     table["margin"] = check.real(table["margin"], "neighbors.margin", 0.0, 10.0, low_open=True)
     table["capacity"] = check.real(table["capacity"], "neighbors.capacity", 1.0, 100.0)
     out["neighbors"] = table
+
+
+def scaled_time_steps(minimizer: dict, given: set[str], omega: float) -> dict:
+    """The ``minimizer`` table with its default time steps fitted to the fastest pair vibration
+    ω (of unit masses at a pair's minimum): each multiplied by :data:`STEPS_PER_VIBRATION` / ω.
+
+    The defaults of :data:`MINIMIZER_DEFAULTS` (JAX-MD's FIRE steps) suit harmonic soft spheres;
+    a Lennard-Jones or Morse wall stiffens under compression and needs about 20× smaller steps at
+    σ = ε = 1, and steps in proportion to σ/√ε in other units. Steps the recipe sets (``given``,
+    any of :data:`TIME_STEPS`) are its own: then none is changed.
+    """
+    if given & set(TIME_STEPS) or not (math.isfinite(omega) and omega > 0):
+        return minimizer
+    scale = STEPS_PER_VIBRATION / omega
+    # Six digits: the recipe stored with a run reads as a choice, not as round-off.
+    return {k: float(f"{v * scale:.6g}") if k in TIME_STEPS else v for k, v in minimizer.items()}
 
 
 def resolve(recipe: Recipe) -> Recipe:

@@ -228,6 +228,7 @@ class Sensitivity:
     _forces: Callable = field(init=False, repr=False)
     _nullspace: Callable = field(init=False, repr=False)
     _rattlers: Callable = field(init=False, repr=False)
+    _hessian: Callable = field(init=False, repr=False)
 
     def __post_init__(self):
         system = self.system
@@ -246,6 +247,9 @@ class Sensitivity:
             "_forces": jax.jit(system.force_fn),
             "_nullspace": jax.jit(system.nullspace),
             "_rattlers": jax.jit(system.rattlers),
+            # The Hessian's linearisation, compiled (eager, it ran operation by operation) and
+            # returned as a jax.tree_util.Partial that the spectrum's compiled loops take as input.
+            "_hessian": jax.jit(lambda x, params: implicit.hessian_matvec(condition, x, params)),
         }.items():
             object.__setattr__(self, key, value)
 
@@ -344,7 +348,7 @@ class Sensitivity:
         rattlers = np.asarray(self._rattlers(x, params))
         lowest, modes, verdict = None, None, []
         if spectrum:
-            matvec = implicit.hessian_matvec(optimality_fn(system), x, params)
+            matvec = self._hessian(x, params)
         if spectrum == "lowest" and x.size > DENSE_SPECTRUM_LIMIT:
             mode = lowest_mode(matvec, x.size, nullspace)
             lowest, modes = lowest_eigenvalue(mode, nullspace), lowest_mode_only(mode, x.shape)

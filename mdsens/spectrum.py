@@ -17,6 +17,7 @@ zero modes) bounds how much the linear solve amplifies errors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -172,33 +173,40 @@ class LowestMode:
     converged: bool
 
 
-def _lanczos_chunk(op: Matvec, steps: int):
-    """``steps`` Lanczos steps of ``op`` from (q_prev, q, β), adding Σ cⱼ qⱼ to ``y`` on the way.
+@functools.partial(jax.jit, static_argnums=0)
+def _lanczos_chunk(steps: int, matvec: Matvec, nullspace, q_prev, q, beta, y, c):
+    """``steps`` Lanczos steps of P ``matvec`` P from (q_prev, q, β), adding Σ cⱼ qⱼ to ``y``
+    on the way.
 
     No reorthogonalisation: the extreme Ritz values still converge (lost orthogonality only
     adds copies of converged ones), and nothing of size steps × n is stored. Rerun with the
     Ritz vector's coefficients ``c``, the same deterministic steps rebuild that vector.
+    ``matvec`` is an argument (a ``jax.tree_util.Partial``, as ``jax.linearize`` returns), not a
+    closure: its arrays are then the compiled function's inputs, not constants baked into it,
+    so one compilation serves every state (and the compilation cache, every run).
     """
 
     def body(j, state):
-        q_prev, q, beta, y, alphas, betas, c = state
-        w = op(q)
+        q_prev, q, beta, y, alphas, betas = state
+        w = _projected(matvec, nullspace, q)
         alpha = jnp.vdot(q, w)
         w = w - alpha * q - beta * q_prev
         beta_next = jnp.linalg.norm(w)
         # An invariant subspace (β = 0) is exact: the steps after it are never used.
         q_next = w / jnp.where(beta_next > 0, beta_next, 1.0)
         y = y + c[j] * q
-        return q, q_next, beta_next, y, alphas.at[j].set(alpha), betas.at[j].set(beta_next), c
+        return q, q_next, beta_next, y, alphas.at[j].set(alpha), betas.at[j].set(beta_next)
 
-    def run(q_prev, q, beta, y, c):
-        zeros = jnp.zeros(steps, dtype=q.dtype)
-        q_prev, q, beta, y, alphas, betas, _ = jax.lax.fori_loop(
-            0, steps, body, (q_prev, q, beta, y, zeros, zeros, c)
-        )
-        return q_prev, q, beta, y, alphas, betas
+    zeros = jnp.zeros(steps, dtype=q.dtype)
+    return jax.lax.fori_loop(0, steps, body, (q_prev, q, beta, y, zeros, zeros))
 
-    return jax.jit(run)
+
+def _projected(matvec: Matvec, nullspace, v):
+    """P A P v."""
+    return project_out(nullspace, matvec(project_out(nullspace, v)))
+
+
+_projected_jit = jax.jit(_projected)
 
 
 def lowest_mode(
@@ -222,10 +230,9 @@ def lowest_mode(
     Needs n − removed ≥ 1.
     """
 
-    def op(v):
-        return project_out(nullspace, matvec(project_out(nullspace, v)))
+    def chunk(*state):
+        return _lanczos_chunk(LANCZOS_CHUNK, matvec, nullspace, *state)
 
-    chunk = _lanczos_chunk(op, LANCZOS_CHUNK)
     start = project_out(nullspace, jax.random.normal(jax.random.PRNGKey(seed), (n,), dtype=jnp.float64))
     start = start / jnp.linalg.norm(start)
     zero = jnp.zeros(n, dtype=jnp.float64)
@@ -256,7 +263,7 @@ def lowest_mode(
         *state, y, _, _ = chunk(*state, y, jnp.asarray(block))
     y = project_out(nullspace, y)
     y = y / jnp.linalg.norm(y)
-    ay = jax.jit(op)(y)
+    ay = _projected_jit(matvec, nullspace, y)
     value = float(jnp.vdot(y, ay))
     residual = float(jnp.linalg.norm(ay - value * y))
     largest = float(ritz[-1])

@@ -14,6 +14,7 @@ The cell is fixed when the system is built; derivatives are taken at that fixed 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from mdsens.potentials import (
     build_pair_energy,
     metric_from,
 )
-from mdsens.recipe import Recipe, apply_overrides, load_recipe, resolve
+from mdsens.recipe import Recipe, apply_overrides, load_recipe, resolve, scaled_time_steps
 from mdsens.structures import generate, geometry, read_structure, species_of
 
 
@@ -250,6 +251,7 @@ def _file_diameters(atoms: ase.Atoms, members: np.ndarray, species: str) -> tupl
 
 def build_system(recipe: Recipe) -> System:
     """Build a :class:`System` from a recipe (resolved here if it is not already)."""
+    given = set(recipe.get("minimizer", {})) if isinstance(recipe.get("minimizer"), dict) else set()
     recipe = resolve(recipe)
     if "structure" in recipe:
         recipe["structure"] = str(Path(recipe["structure"]).resolve())
@@ -268,7 +270,11 @@ def build_system(recipe: Recipe) -> System:
         positions = positions + rng.normal(scale=recipe["rattle"], size=positions.shape)
     displacement, shift = _space(kind, cell)
     settings = {k: recipe["potential"][k] for k in potential.settings}
-    reach = float(potential.reach(bounding_tables(potential, params, overridden, len(species)), settings))
+    tables = bounding_tables(potential, params, overridden, len(species))
+    reach = float(potential.reach(tables, settings))
+    if potential.stiffness is not None:
+        omega = math.sqrt(float(np.max(potential.stiffness(tables))))
+        recipe["minimizer"] = scaled_time_steps(recipe["minimizer"], given, omega)
     check_minimum_image(kind, cell, reach)
     neighbors = recipe["neighbors"]
     pair_list, pair_energy_fn = None, None
