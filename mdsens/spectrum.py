@@ -230,6 +230,10 @@ def lowest_mode(
     Needs n − removed ≥ 1.
     """
 
+    if not isinstance(matvec, jax.tree_util.Partial):
+        # Any other callable works too, compiled with what it closes over as constants.
+        matvec = jax.tree_util.Partial(matvec)
+
     def chunk(*state):
         return _lanczos_chunk(LANCZOS_CHUNK, matvec, nullspace, *state)
 

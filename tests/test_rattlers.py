@@ -478,3 +478,13 @@ def test_sensitivity_files_list_the_rattlers_and_the_spectrum(hole, tmp_path):
     np.testing.assert_array_equal(atoms.arrays["rattler"], np.arange(129) == 128)
     column = atoms.arrays["dx_d_diameter_B"]
     assert np.all(column[128] == 0.0) and np.any(column[:128] != 0.0)
+
+
+def test_lowest_mode_takes_any_callable():
+    """A plain function (not a linearisation) works too: diag(1, ..., 40) has its lowest
+    eigenpair (1, e₀) in closed form."""
+    diagonal = jnp.arange(1.0, 41.0)
+    mode = spectrum.lowest_mode(lambda v: diagonal * v, 40)
+    assert mode.converged
+    assert mode.value == pytest.approx(1.0, rel=1e-6)
+    assert abs(mode.vector[0]) == pytest.approx(1.0, abs=1e-3)
