@@ -102,40 +102,7 @@ class PairList:
     def _allocate(
         self, fns: partition.NeighborListFns, reach: float, x, extra: int = 0
     ) -> partition.NeighborList:
-        """What ``fns.allocate(x, extra_capacity=extra)`` returns, in one compiled call.
-
-        JAX-MD's allocation runs eagerly, one operation at a time (about 40 dispatches, each
-        traced, lowered and looked up in the compilation cache: 0.2-0.4 s per list in a fresh
-        process). The two numbers it needs from the data are computed here instead: the fullest
-        cell (NumPy, JAX-MD's own cell dimensions) and the number of pairs (from one rebuild at
-        full length, compiled once per list and cell capacity); the rebuild is JAX-MD's own.
-        """
-        always, cells = _builder(self, reach)
-        # NumPy's remainder is jnp.mod's (both are fmod, then + box where the signs differ).
-        x = np.mod(np.asarray(x, dtype=np.float64), self.box)
-        n = x.shape[0]
-        capacity = int(_fullest_cell(x, self.box, reach) * self.capacity) + extra
-        template = partition.NeighborList(
-            np.zeros((2, 1), np.int32),
-            x,
-            partition.PartitionError(np.zeros((), np.uint8)),
-            capacity,
-            2**62,
-            partition.OrderedSparse,
-            reach,
-            cells,
-            always.update,
-        )
-        built = _rebuild(always, x, template)
-        idx = np.asarray(built.idx)
-        # Pairs fill the front of the rebuilt array; its last slot may hold a discarded entry.
-        pairs = int(np.count_nonzero(idx[0, :-1] < n))
-        if host_overflowed(built) or pairs >= idx.shape[1] - 1:
-            return fns.allocate(x, extra_capacity=extra)  # not expected: JAX-MD's own way
-        occupancy = min(int(pairs * self.capacity + n * extra), idx.shape[1], n * (n - 1) // 2)
-        return replace(
-            built, idx=jnp.asarray(idx[:, :occupancy]), max_occupancy=occupancy, update_fn=fns.update
-        )
+        return _allocate(self.box, self.capacity, self._displacement, fns, reach, x, extra)
 
     def _wrap(self, x):
         return jnp.mod(jnp.asarray(x), self.box)
@@ -174,25 +141,25 @@ _BUILDERS: dict[tuple, tuple] = {}
 sweep points, a design's trials), so that they share one compiled rebuild."""
 
 
-def _builder(pairs: PairList, reach: float) -> tuple[partition.NeighborListFns, partition.CellListFns]:
-    """A list of ``reach`` in ``pairs``'s cell that always rebuilds (no skin test), and its cell
+def _builder(box, capacity, displacement, reach: float):
+    """A list of ``reach`` in the cell ``box`` that always rebuilds (no skin test), and its cell
     list, made once per cell, reach and capacity (an orthorhombic periodic cell: one
     displacement serves every system in it)."""
-    key = (pairs.box.tobytes(), float(reach), float(pairs.capacity))
+    key = (box.tobytes(), float(reach), float(capacity))
     if key not in _BUILDERS:
         if len(_BUILDERS) >= 16:
             _BUILDERS.pop(next(iter(_BUILDERS)))
         always = partition.neighbor_list(
-            pairs._displacement,
-            jnp.asarray(pairs.box),
+            displacement,
+            jnp.asarray(box),
             reach,
             dr_threshold=0.0,
             format=partition.OrderedSparse,
-            capacity_multiplier=pairs.capacity,
+            capacity_multiplier=capacity,
             fractional_coordinates=False,
         )
         # JAX-MD's allocation makes its cell list from the box in float32.
-        cells = partition.cell_list(np.asarray(pairs.box, dtype=np.float32), reach, pairs.capacity)
+        cells = partition.cell_list(np.asarray(box, dtype=np.float32), reach, capacity)
         _BUILDERS[key] = (always, cells)
     return _BUILDERS[key]
 
@@ -208,11 +175,45 @@ def build_pair_list(displacement, box: np.ndarray, cutoff: float, settings: dict
     skinned = partition.neighbor_list(displacement, jnp.asarray(box), cutoff, dr_threshold=skin, **kwargs)
     exact = partition.neighbor_list(displacement, jnp.asarray(box), cutoff, dr_threshold=0.0, **kwargs)
     box = np.asarray(box, dtype=np.float64)
-    pairs = PairList(
-        cutoff, skin, settings["capacity"], int(np.shape(x0)[0]), box, skinned, exact, None, displacement
+    template = _allocate(box, settings["capacity"], displacement, exact, cutoff, x0)
+    return PairList(
+        cutoff, skin, settings["capacity"], int(np.shape(x0)[0]), box, skinned, exact, template, displacement
     )
-    object.__setattr__(pairs, "_template", pairs._allocate(exact, cutoff, x0))
-    return pairs
+
+
+def _allocate(box, capacity, displacement, fns, reach: float, x, extra: int = 0) -> partition.NeighborList:
+    """What ``fns.allocate(x, extra_capacity=extra)`` returns, in one compiled call.
+
+    JAX-MD's allocation runs eagerly, one operation at a time (about 40 dispatches, each
+    traced, lowered and looked up in the compilation cache: 0.2-0.4 s per list in a fresh
+    process). The two numbers it needs from the data are computed here instead: the fullest
+    cell (NumPy, JAX-MD's own cell dimensions) and the number of pairs (from one rebuild at
+    full length, compiled once per list and cell capacity); the rebuild is JAX-MD's own.
+    """
+    always, cells = _builder(box, capacity, displacement, reach)
+    # NumPy's remainder is jnp.mod's (both are fmod, then + box where the signs differ).
+    x = np.mod(np.asarray(x, dtype=np.float64), box)
+    n = x.shape[0]
+    cell_capacity = int(_fullest_cell(x, box, reach) * capacity) + extra
+    template = partition.NeighborList(
+        np.zeros((2, 1), np.int32),
+        x,
+        partition.PartitionError(np.zeros((), np.uint8)),
+        cell_capacity,
+        2**62,
+        partition.OrderedSparse,
+        reach,
+        cells,
+        always.update,
+    )
+    built = _rebuild(always, x, template)
+    idx = np.asarray(built.idx)
+    # Pairs fill the front of the rebuilt array; its last slot may hold a discarded entry.
+    pairs = int(np.count_nonzero(idx[0, :-1] < n))
+    if host_overflowed(built) or pairs >= idx.shape[1] - 1:
+        return fns.allocate(x, extra_capacity=extra)  # not expected: JAX-MD's own way
+    occupancy = min(int(pairs * capacity + n * extra), idx.shape[1], n * (n - 1) // 2)
+    return replace(built, idx=jnp.asarray(idx[:, :occupancy]), max_occupancy=occupancy, update_fn=fns.update)
 
 
 def _fullest_cell(x: np.ndarray, box: np.ndarray, reach: float) -> int:
