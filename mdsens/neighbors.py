@@ -82,8 +82,7 @@ class PairList:
 
     def sized_at(self, x) -> bool:
         """Whether the list was sized at positions ``x`` (then :meth:`at` has room there)."""
-        x = np.mod(np.asarray(x, dtype=np.float64), self.box)
-        return bool(np.array_equal(x, np.asarray(self._template.reference_position)))
+        return bool(np.array_equal(_host_wrap(x, self.box), np.asarray(self._template.reference_position)))
 
     def at_positions_pairs(self) -> np.ndarray:
         """(2, P) the pairs i, j closer than :attr:`cutoff` at the positions the list was sized
@@ -191,8 +190,7 @@ def _allocate(box, capacity, displacement, fns, reach: float, x, extra: int = 0)
     full length, compiled once per list and cell capacity); the rebuild is JAX-MD's own.
     """
     always, cells = _builder(box, capacity, displacement, reach)
-    # NumPy's remainder is jnp.mod's (both are fmod, then + box where the signs differ).
-    x = np.mod(np.asarray(x, dtype=np.float64), box)
+    x = _host_wrap(x, box)
     n = x.shape[0]
     cell_capacity = int(_fullest_cell(x, box, reach) * capacity) + extra
     template = partition.NeighborList(
@@ -214,6 +212,12 @@ def _allocate(box, capacity, displacement, fns, reach: float, x, extra: int = 0)
         return fns.allocate(x, extra_capacity=extra)  # not expected: JAX-MD's own way
     occupancy = min(int(pairs * capacity + n * extra), idx.shape[1], n * (n - 1) // 2)
     return replace(built, idx=jnp.asarray(idx[:, :occupancy]), max_occupancy=occupancy, update_fn=fns.update)
+
+
+def _host_wrap(x, box: np.ndarray) -> np.ndarray:
+    """Positions wrapped into the box in NumPy: :meth:`PairList._wrap`'s values (NumPy's remainder
+    is jnp.mod's: fmod, then + box where the signs differ) without a JAX dispatch."""
+    return np.mod(np.asarray(x, dtype=np.float64), box)
 
 
 def _fullest_cell(x: np.ndarray, box: np.ndarray, reach: float) -> int:

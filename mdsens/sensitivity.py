@@ -23,7 +23,7 @@ import numpy as np
 from mdsens import implicit
 from mdsens.errors import NotConvergedError, UserError
 from mdsens.parameters import directional, expand_parameters, parameter_value, unit_tangent
-from mdsens.relaxation import Relaxer, RelaxResult
+from mdsens.relaxation import Relaxer, RelaxResult, host_max_force
 from mdsens.spectrum import DENSE_SPECTRUM_LIMIT, Spectrum, lowest_eigenvalue, lowest_eigenvalues, lowest_mode
 from mdsens.system import System
 from mdsens.validity import Validity, lowest_mode_only, validity_radii
@@ -299,7 +299,7 @@ class Sensitivity:
         names = expand_parameters(system, names)
         x = jnp.asarray(positions, dtype=jnp.float64)
         start = time.perf_counter()
-        force = float(jnp.max(jnp.linalg.norm(self._forces(x, params), axis=-1)))
+        force = host_max_force(self._forces(x, params))
         fmax = system.recipe["minimizer"]["fmax"]
         if force > fmax and not allow_unconverged:
             raise NotConvergedError(

@@ -318,7 +318,7 @@ def _check_separated(system: System) -> None:
     """
     x = system.positions
     if system.pair_list is not None:
-        i, j = np.asarray(system.pair_list.at_positions_pairs())
+        i, j = system.pair_list.at_positions_pairs()
         if i.size == 0:
             return
         r = np.linalg.norm(_minimum_image(system, x[i] - x[j]), axis=-1)
